@@ -1,1 +1,71 @@
-fn main() {}
+//! `mailroom`: the one binary. `serve` runs listeners and the embedded queue in one process;
+//! `check` validates a config; `queue` inspects the local spool. This is the edge where errors
+//! become `anyhow` messages for a person.
+
+mod queue_cmd;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Mailroom: a Kubernetes-native mail transfer system.
+#[derive(Debug, Parser)]
+#[command(name = "mailroom", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the listeners and the embedded on-disk queue in one process.
+    Serve {
+        /// Config file; without it the embedded default (config/mailroom.yaml) is used.
+        #[arg(long, short, env = "MAILROOM_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file (syntax, fields, TLS files, users file, plugins) and exit.
+    Check {
+        /// Config file; without it the embedded default is checked.
+        #[arg(long, short, env = "MAILROOM_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Inspect the local spool.
+    Queue {
+        /// Config file naming the spool (queue.local.path).
+        #[arg(long, short, env = "MAILROOM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Spool directory; overrides the config.
+        #[arg(long)]
+        spool: Option<PathBuf>,
+        #[command(subcommand)]
+        action: queue_cmd::QueueAction,
+    },
+}
+
+/// Loads the config file, or the embedded default.
+pub(crate) fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<mailroom_config::Config> {
+    let loaded = match path {
+        Some(p) => mailroom_config::load_file(p),
+        None => mailroom_config::load_str(mailroom_config::DEFAULT_CONFIG, "embedded default config (config/mailroom.yaml)"),
+    };
+    loaded.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve::run(config.as_deref()),
+        Command::Check { config } => serve::check(config.as_deref()),
+        Command::Queue { config, spool, action } => queue_cmd::run(config.as_deref(), spool, action),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailroom: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The top-level model: the file read by `mailroom serve --config F` (listeners, the embedded
+//! queue, the HTTP endpoint for health and metrics, logging). `load` parses it, `validate`
+//! checks it; the server only ever sees a validated [`Config`].
+
+use std::net::{AddrParseError, Ipv4Addr, SocketAddr};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::listener::ListenerSpec;
+
+/// A whole Mailroom configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Config {
+    /// Name announced in greeting banners, EHLO replies and `Received:` headers, unless a
+    /// listener sets its own. Default: the system host name (`/etc/hostname`), else
+    /// `localhost`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// The SMTP listeners; at least one, with unique names and addresses.
+    pub listeners: Vec<ListenerSpec>,
+    /// Where accepted messages are stored until delivered.
+    pub queue: QueueSpec,
+    /// The HTTP endpoint serving `/healthz`, `/readyz` and `/metrics`.
+    pub http: HttpSpec,
+    /// Logging.
+    pub log: LogSpec,
+}
+
+impl Config {
+    /// The name this server announces: `hostname`, else the system host name.
+    pub fn effective_hostname(&self) -> String {
+        self.hostname.clone().unwrap_or_else(system_hostname)
+    }
+
+    /// The name `listener` announces: its own `hostname`, else [`Config::effective_hostname`].
+    pub fn listener_hostname(&self, listener: &ListenerSpec) -> String {
+        listener
+            .hostname
+            .clone()
+            .unwrap_or_else(|| self.effective_hostname())
+    }
+
+    /// The listener called `name`.
+    pub fn listener(&self, name: &str) -> Option<&ListenerSpec> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// Brings values into their canonical form: accepted domains lowercased, without a
+    /// trailing dot. [`crate::load_str`] calls it before validating; call it yourself on a
+    /// `Config` built another way (for example from a CRD spec).
+    pub fn normalize(&mut self) {
+        for listener in &mut self.listeners {
+            for domain in &mut listener.accepted_domains {
+                let trimmed = domain.trim();
+                *domain = trimmed
+                    .strip_suffix('.')
+                    .unwrap_or(trimmed)
+                    .to_ascii_lowercase();
+            }
+        }
+    }
+}
+
+/// The system host name: the first line of `/etc/hostname` when it is a valid domain name,
+/// else `localhost`.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .and_then(|text| text.lines().next().map(|l| l.trim().to_owned()))
+        .filter(|name| crate::syntax::check_domain(name, false).is_ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The queue backend. Set exactly one field; when the whole `queue` section is absent, a
+/// `local` queue in `./spool` is used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QueueSpec {
+    /// An on-disk queue in a local directory, for `mailroom serve` and tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<LocalQueueSpec>,
+}
+
+impl Default for QueueSpec {
+    fn default() -> Self {
+        Self {
+            local: Some(LocalQueueSpec::default()),
+        }
+    }
+}
+
+impl QueueSpec {
+    /// Every backend, as spelled in the configuration.
+    pub const BACKENDS: &'static [&'static str] = &["local"];
+
+    /// The names of the backends that are set; validation requires exactly one.
+    pub(crate) fn backends_set(&self) -> Vec<&'static str> {
+        let Self { local } = self; // a new field fails to compile here: add it below
+        [("local", local.is_some())]
+            .into_iter()
+            .filter_map(|(name, set)| set.then_some(name))
+            .collect()
+    }
+}
+
+/// An on-disk queue: one file per message, written and fsynced in batches (group commit)
+/// before the 250 reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LocalQueueSpec {
+    /// The spool directory; created when missing. Default `./spool`.
+    pub path: String,
+    /// Most messages made durable by one fsync batch. Between 1 and 65536. Default 256.
+    pub max_batch: u32,
+}
+
+impl Default for LocalQueueSpec {
+    fn default() -> Self {
+        Self {
+            path: "./spool".to_owned(),
+            max_batch: 256,
+        }
+    }
+}
+
+/// The HTTP endpoint for health checks and Prometheus metrics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HttpSpec {
+    /// Socket address to listen on. Default `127.0.0.1:9325`; use `0.0.0.0:9325` in a pod.
+    pub address: String,
+}
+
+impl Default for HttpSpec {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:9325".to_owned(),
+        }
+    }
+}
+
+impl HttpSpec {
+    /// The parsed `address`, or the parse error.
+    pub fn try_socket_addr(&self) -> Result<SocketAddr, AddrParseError> {
+        self.address.trim().parse()
+    }
+
+    /// The parsed `address`. Meant for validated configurations; should it not parse anyway,
+    /// this returns `127.0.0.1:0`, a loopback ephemeral port that exposes nothing.
+    pub fn socket_addr(&self) -> SocketAddr {
+        self.try_socket_addr()
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    }
+}
+
+/// Logging: the diagnostic log on stderr and the delivery log of message events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct LogSpec {
+    /// Log filter in `tracing` EnvFilter syntax, e.g. `info` or `info,mailroom_smtp=debug`.
+    /// The `RUST_LOG` environment variable overrides it. Default `info`.
+    pub level: String,
+    /// `text` (default) for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// File that receives the delivery log (one JSON object per reception, delivery or
+    /// bounce). When unset, delivery events are written to stdout as JSON lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery_log: Option<String>,
+}
+
+impl Default for LogSpec {
+    fn default() -> Self {
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::default(),
+            delivery_log: None,
+        }
+    }
+}
+
+/// Format of the diagnostic log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}

@@ -1,0 +1,498 @@
+//! Loading and validation tests: the default file, minimal files, and the messages a user
+//! sees for each kind of mistake (with their paths).
+
+use super::*;
+
+/// A valid listener to build test files around.
+const LISTENER: &str =
+    "  - name: smtp\n    address: 127.0.0.1:2525\n    acceptedDomains: [example.test]\n";
+
+/// Loads `yaml`, expecting failure; returns the rendered error lines.
+fn error_lines(yaml: &str) -> Vec<String> {
+    match load_str(yaml, "t.yaml") {
+        Ok(config) => panic!("unexpectedly loaded: {config:#?}"),
+        Err(e) => e.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+/// Loads `yaml`, expecting failure; returns the problems as `(path, message)`.
+fn problems(yaml: &str) -> Vec<(String, String)> {
+    match load_str(yaml, "t.yaml") {
+        Ok(config) => panic!("unexpectedly loaded: {config:#?}"),
+        Err(e) => e
+            .problems
+            .into_iter()
+            .map(|p| (p.path, p.message))
+            .collect(),
+    }
+}
+
+/// Asserts that some problem has `path` and a message containing `needle`.
+fn assert_problem(found: &[(String, String)], path: &str, needle: &str) {
+    assert!(
+        found.iter().any(|(p, m)| p == path && m.contains(needle)),
+        "no problem at {path:?} containing {needle:?} in {found:#?}"
+    );
+}
+
+fn with_listener(extra: &str) -> String {
+    format!("listeners:\n{LISTENER}{extra}")
+}
+
+#[test]
+fn default_config_loads_and_validates() {
+    let config = load_str(DEFAULT_CONFIG, "config/mailroom.yaml").unwrap();
+    assert_eq!(config.hostname.as_deref(), Some("mail.example.test"));
+    assert_eq!(config.listeners.len(), 1);
+    let smtp = &config.listeners[0];
+    assert_eq!(smtp.name, "smtp");
+    assert_eq!(smtp.socket_addr(), "127.0.0.1:2525".parse().unwrap());
+    assert_eq!(smtp.mode, ListenerMode::Mx);
+    assert_eq!(smtp.accepted_domains, ["example.test"]);
+    assert!(smtp.relay_networks.is_empty() && smtp.tls.is_none() && smtp.auth.is_none());
+    // The file spells out the defaults; keep it truthful.
+    assert_eq!(smtp.limits, Limits::default());
+    assert_eq!(smtp.timeouts, Timeouts::default());
+    let kinds: Vec<_> = smtp.plugins.iter().map(PluginSpec::kind).collect();
+    assert_eq!(kinds, [Some("access"), Some("headers")]);
+    assert_eq!(smtp.plugins[0].access, Some(AccessPluginSpec::default()));
+    assert_eq!(smtp.plugins[1].headers, Some(HeadersPluginSpec::default()));
+    assert_eq!(config.queue, QueueSpec::default());
+    assert_eq!(config.http, HttpSpec::default());
+    assert_eq!(config.http.socket_addr(), "127.0.0.1:9325".parse().unwrap());
+    assert_eq!(config.log, LogSpec::default());
+    assert_eq!(config.listener_hostname(smtp), "mail.example.test");
+}
+
+#[test]
+fn minimal_file_gets_every_default() {
+    let config = load_str(&with_listener(""), "t.yaml").unwrap();
+    let mut expected_listener = ListenerSpec::new("smtp", "127.0.0.1:2525");
+    expected_listener.accepted_domains = vec!["example.test".into()];
+    let expected = Config {
+        listeners: vec![expected_listener],
+        ..Config::default()
+    };
+    assert_eq!(config, expected);
+    assert_eq!(
+        config.queue.local.as_ref().map(|l| l.path.as_str()),
+        Some("./spool")
+    );
+    assert_eq!(
+        config.listeners[0].limits.max_message_size.bytes(),
+        25 << 20
+    );
+}
+
+#[test]
+fn serialised_config_loads_back_unchanged() {
+    let mut config = load_str(DEFAULT_CONFIG, "default").unwrap();
+    let mut submission = ListenerSpec::new("submission", "[::1]:587");
+    submission.mode = ListenerMode::Submission;
+    submission.tls = Some(TlsSpec {
+        cert_file: "tls.crt".into(),
+        key_file: "tls.key".into(),
+        implicit: true,
+        reload_interval: HumanDuration::from_secs(90),
+    });
+    submission.auth = Some(AuthSpec::new("users"));
+    submission.relay_networks = vec!["10.0.0.0/8".parse().unwrap()];
+    config.listeners.push(submission);
+    config.log.delivery_log = Some("delivery.jsonl".into());
+    let yaml = serde_saphyr::to_string(&config).unwrap();
+    assert_eq!(load_str(&yaml, "round-trip").unwrap(), config, "{yaml}");
+}
+
+#[test]
+fn empty_file_asks_for_a_listener() {
+    for yaml in ["", "# nothing yet\n", "---\n"] {
+        assert_eq!(
+            error_lines(yaml),
+            ["t.yaml: listeners: at least one listener is required"]
+        );
+    }
+}
+
+#[test]
+fn unknown_field_names_its_path_and_the_expected_keys() {
+    let lines = error_lines(&with_listener("    maxSize: 10MB\n"));
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert!(
+        line.starts_with("t.yaml: listeners[0].maxSize: unknown field `maxSize`, expected one of"),
+        "{line}"
+    );
+    assert!(
+        line.contains("limits") && line.contains("acceptedDomains"),
+        "{line}"
+    );
+    assert!(line.ends_with("at line 5, column 5"), "{line}");
+}
+
+#[test]
+fn bad_size_names_its_path_value_and_forms() {
+    let lines = error_lines(&with_listener("    limits:\n      maxMessageSize: 25XB\n"));
+    let line = &lines[0];
+    assert!(
+        line.starts_with(
+            "t.yaml: listeners[0].limits.maxMessageSize: invalid size \"25XB\": expected"
+        ),
+        "{line}"
+    );
+    assert!(line.contains("25MiB") && line.contains("line 6"), "{line}");
+}
+
+#[test]
+fn wrong_types_name_path_and_position() {
+    let cases = [
+        (
+            "    limits:\n      maxRecipients: lots\n",
+            "listeners[0].limits.maxRecipients",
+            "expected a whole number",
+        ),
+        (
+            "    limits:\n      maxRecipients: -1\n",
+            "listeners[0].limits.maxRecipients",
+            "expected a whole number",
+        ),
+        (
+            "    timeouts:\n      command: 30\n",
+            "listeners[0].timeouts.command",
+            "expected a duration string",
+        ),
+        (
+            "    timeouts:\n      command: 5 min\n",
+            "listeners[0].timeouts.command",
+            "invalid duration \"5 min\"",
+        ),
+        (
+            "    mode: relay\n",
+            "listeners[0].mode",
+            "unknown variant `relay`, expected one of mx, submission",
+        ),
+        (
+            "    relayNetworks: [10.0.0.0/8, nope]\n",
+            "listeners[0].relayNetworks[1]",
+            "invalid network \"nope\"",
+        ),
+        (
+            "    plugins:\n      - dkim: {}\n",
+            "listeners[0].plugins[0].dkim",
+            "expected one of access, headers",
+        ),
+        (
+            "    auth:\n      usersFile: u\n      mechanisms: [CRAM-MD5]\n",
+            "listeners[0].auth.mechanisms[0]",
+            "expected one of PLAIN, LOGIN",
+        ),
+    ];
+    for (extra, path, needle) in cases {
+        let found = problems(&with_listener(extra));
+        assert_problem(&found, path, needle);
+        assert!(found[0].1.contains(" at line "), "{found:?}");
+    }
+}
+
+#[test]
+fn missing_required_field_and_yaml_syntax_errors() {
+    assert_problem(
+        &problems("listeners:\n  - address: 127.0.0.1:25\n"),
+        "listeners[0]",
+        "missing field `name`",
+    );
+    assert_problem(&problems("listeners: [\n"), "listeners", "line 1");
+    assert_problem(
+        &problems("hostname: a\nhostname: b\n"),
+        "",
+        "duplicate mapping key `hostname`",
+    );
+    assert_problem(&problems("- a\n- b\n"), "", "line 1, column 1");
+}
+
+#[test]
+fn submission_requires_auth_and_tls() {
+    let found = problems(&with_listener(
+        "  - name: submission\n    address: 0.0.0.0:587\n    mode: submission\n",
+    ));
+    assert_problem(
+        &found,
+        "listeners[1].auth",
+        "a submission listener requires auth",
+    );
+    assert_problem(
+        &found,
+        "listeners[1].tls",
+        "a submission listener requires tls",
+    );
+    assert_eq!(found.len(), 2, "{found:#?}");
+
+    let ok = with_listener(
+        "  - name: submission\n    address: 0.0.0.0:587\n    mode: submission\n    \
+         tls: {certFile: c.pem, keyFile: k.pem}\n    auth: {usersFile: users}\n",
+    );
+    let config = load_str(&ok, "t.yaml").unwrap();
+    let auth = config.listeners[1].auth.as_ref().unwrap();
+    assert_eq!(
+        auth.mechanisms,
+        [AuthMechanism::Plain, AuthMechanism::Login]
+    );
+    assert_eq!(
+        config.listeners[1].tls.as_ref().unwrap().reload_interval,
+        HumanDuration::from_secs(10)
+    );
+}
+
+#[test]
+fn auth_without_tls_is_refused() {
+    let lines = error_lines(&with_listener(
+        "    auth:\n      usersFile: /etc/mailroom/users\n",
+    ));
+    assert_eq!(
+        lines,
+        ["t.yaml: listeners[0].auth: AUTH is only offered over TLS: set listeners[0].tls"]
+    );
+}
+
+#[test]
+fn mx_listener_must_accept_something() {
+    let found = problems("listeners:\n  - name: smtp\n    address: 127.0.0.1:25\n");
+    assert_problem(
+        &found,
+        "listeners[0].acceptedDomains",
+        "would accept nothing",
+    );
+    // Relaying alone is enough (a smarthost for local clients).
+    let relay =
+        "listeners:\n  - name: smtp\n    address: 127.0.0.1:25\n    relayNetworks: [10.0.0.1]\n";
+    let config = load_str(relay, "t.yaml").unwrap();
+    assert_eq!(
+        config.listeners[0].relay_networks,
+        ["10.0.0.1/32".parse::<ipnet::IpNet>().unwrap()]
+    );
+}
+
+#[test]
+fn listener_names_and_addresses_are_unique() {
+    let yaml = format!(
+        "listeners:\n{LISTENER}{LISTENER}  - name: other\n    address: \"127.0.0.1:2525\"\n    acceptedDomains: [b.test]\nhttp:\n  address: 127.0.0.1:2525\n"
+    );
+    let found = problems(&yaml);
+    assert_problem(
+        &found,
+        "listeners[1].name",
+        "duplicate name \"smtp\": already used by listeners[0]",
+    );
+    assert_problem(
+        &found,
+        "listeners[1].address",
+        "already used by listeners[0]",
+    );
+    assert_problem(
+        &found,
+        "listeners[2].address",
+        "already used by listeners[0]",
+    );
+    assert_problem(&found, "http.address", "already used by listeners[0]");
+    assert_eq!(found.len(), 4, "{found:#?}");
+}
+
+#[test]
+fn plugin_entries_set_exactly_one_kind() {
+    let found = problems(&with_listener(
+        "    plugins:\n      - {}\n      - access: {}\n        headers: {}\n      - headers:\n",
+    ));
+    assert_problem(
+        &found,
+        "listeners[0].plugins[0]",
+        "set exactly one plugin kind (one of: access, headers), found none",
+    );
+    assert_problem(
+        &found,
+        "listeners[0].plugins[1]",
+        "found access and headers",
+    );
+    assert_eq!(
+        found.len(),
+        2,
+        "a bare `headers:` is the headers plugin with defaults: {found:#?}"
+    );
+}
+
+#[test]
+fn every_semantic_problem_is_reported_with_its_path() {
+    let yaml = r#"
+hostname: mail_example
+listeners:
+  - name: Smtp
+    address: localhost:25
+    hostname: -bad.example
+    acceptedDomains: ["*", ok.test, "a..b"]
+    limits:
+      maxMessageSize: 100
+      maxRecipients: 10
+      maxLineLength: 10
+      maxCommandLength: 100000
+      maxConnections: 10
+      maxConnectionsPerIp: 20
+      maxErrors: 0
+    timeouts:
+      command: 0s
+      shutdownGrace: 0s
+    tls: {certFile: "", keyFile: k, reloadInterval: 100ms}
+    auth: {usersFile: u, mechanisms: [PLAIN, PLAIN]}
+    plugins:
+      - access:
+          denyHelo: [""]
+          denySenders: ["user@", "@example.com"]
+          denyRecipients: ["a b@c"]
+          allowSenders: ["*@*.example.com", "x@y@z"]
+queue: {}
+http:
+  address: "9325"
+log:
+  level: ""
+  deliveryLog: ""
+"#;
+    let found = problems(yaml);
+    let expected_paths = [
+        "hostname",
+        "listeners[0].name",
+        "listeners[0].address",
+        "listeners[0].hostname",
+        "listeners[0].acceptedDomains[0]",
+        "listeners[0].acceptedDomains[2]",
+        "listeners[0].tls.certFile",
+        "listeners[0].tls.reloadInterval",
+        "listeners[0].auth.mechanisms[1]",
+        "listeners[0].limits.maxMessageSize",
+        "listeners[0].limits.maxRecipients",
+        "listeners[0].limits.maxLineLength",
+        "listeners[0].limits.maxCommandLength",
+        "listeners[0].limits.maxConnectionsPerIp",
+        "listeners[0].limits.maxErrors",
+        "listeners[0].timeouts.command",
+        "listeners[0].plugins[0].access.denyHelo[0]",
+        "listeners[0].plugins[0].access.denySenders[0]",
+        "listeners[0].plugins[0].access.denyRecipients[0]",
+        "listeners[0].plugins[0].access.allowSenders[1]",
+        "queue",
+        "http.address",
+        "log.level",
+        "log.deliveryLog",
+    ];
+    let paths: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, expected_paths, "{found:#?}");
+    assert_problem(
+        &found,
+        "listeners[0].limits.maxMessageSize",
+        "100 is out of range: expected 1KiB to 1GiB",
+    );
+    assert_problem(
+        &found,
+        "listeners[0].limits.maxRecipients",
+        "10 is out of range: expected 100 to 100000",
+    );
+    assert_problem(
+        &found,
+        "listeners[0].acceptedDomains[0]",
+        "expected a name like \"example.com\" or \"*.example.com\"",
+    );
+    assert_problem(
+        &found,
+        "queue",
+        "set exactly one queue backend (one of: local)",
+    );
+
+    let err = load_str(yaml, "bad.yaml").unwrap_err();
+    let text = err.to_string();
+    assert_eq!(text.lines().count(), expected_paths.len());
+    assert!(text.lines().all(|l| l.starts_with("bad.yaml: ")), "{text}");
+}
+
+#[test]
+fn submission_may_limit_recipients_below_the_mx_minimum() {
+    let yaml = with_listener(
+        "  - name: submission\n    address: 0.0.0.0:587\n    mode: submission\n    \
+         tls: {certFile: c, keyFile: k}\n    auth: {usersFile: u}\n    limits: {maxRecipients: 10}\n",
+    );
+    assert!(load_str(&yaml, "t.yaml").is_ok());
+}
+
+#[test]
+fn accepted_domains_are_normalised() {
+    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:25\n    acceptedDomains: [Example.TEST., \"*.Corp.Test\"]\n";
+    let config = load_str(yaml, "t.yaml").unwrap();
+    assert_eq!(
+        config.listeners[0].accepted_domains,
+        ["example.test", "*.corp.test"]
+    );
+    assert!(config.listeners[0].accepts_domain("x.CORP.test"));
+}
+
+#[test]
+fn load_file_reads_and_names_the_file() {
+    let dir = std::env::temp_dir().join(format!("mailroom-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("mailroom.yaml");
+    std::fs::write(&path, DEFAULT_CONFIG).unwrap();
+    assert!(load_file(&path).is_ok());
+
+    std::fs::write(&path, "listeners: 3\n").unwrap();
+    let err = load_file(&path).unwrap_err();
+    assert_eq!(err.origin, path.display().to_string());
+    assert!(
+        err.to_string()
+            .starts_with(&format!("{}: listeners: ", path.display())),
+        "{err}"
+    );
+
+    let missing = dir.join("missing.yaml");
+    let err = load_file(&missing).unwrap_err();
+    assert!(
+        err.to_string().contains("missing.yaml: cannot read: "),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn tls_check_files_reports_each_missing_file() {
+    let dir = std::env::temp_dir().join(format!("mailroom-config-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert = dir.join("tls.crt");
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+    let tls = TlsSpec {
+        cert_file: cert.display().to_string(),
+        key_file: dir.join("tls.key").display().to_string(),
+        implicit: false,
+        reload_interval: HumanDuration::from_secs(10),
+    };
+    let problems = tls.check_files().unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].path, "keyFile");
+    assert!(
+        problems[0].message.contains("cannot open"),
+        "{}",
+        problems[0].message
+    );
+    let dir_as_key = TlsSpec {
+        key_file: dir.display().to_string(),
+        ..tls
+    };
+    assert!(
+        dir_as_key.check_files().unwrap_err()[0]
+            .message
+            .contains("not a regular file")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn hostname_falls_back_to_the_system() {
+    let config = Config::default();
+    let name = config.effective_hostname();
+    assert!(syntax::check_domain(&name, false).is_ok(), "{name}");
+    let mut listener = ListenerSpec::new("smtp", "127.0.0.1:25");
+    listener.hostname = Some("mx.example.test".into());
+    assert_eq!(config.listener_hostname(&listener), "mx.example.test");
+}

@@ -1,0 +1,359 @@
+//! Semantic validation of a parsed [`Config`]: everything serde cannot express (uniqueness,
+//! fields that require each other, value ranges, name and pattern syntax). It collects every
+//! problem rather than stopping at the first, and names each one by its YAML path in camelCase
+//! (`listeners[1].auth`), so a user fixes a file in one round.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+
+use crate::Problem;
+use crate::config::{Config, HttpSpec, LogSpec, QueueSpec};
+use crate::human::HumanDuration;
+use crate::limits::{Limits, Timeouts};
+use crate::listener::{AuthSpec, ListenerMode, ListenerSpec, TlsSpec};
+use crate::plugins::{AccessPluginSpec, PluginSpec};
+use crate::syntax;
+
+/// Collects problems under a path prefix.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn check(&mut self, path: impl Into<String>, result: Result<(), String>) {
+        if let Err(message) = result {
+            self.push(path, message);
+        }
+    }
+
+    fn range(&mut self, path: String, value: u64, range: RangeInclusive<u64>) {
+        if !range.contains(&value) {
+            self.push(
+                path,
+                format!(
+                    "{value} is out of range: expected {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+    }
+
+    fn non_empty(&mut self, path: String, value: &str) {
+        if value.trim().is_empty() {
+            self.push(path, "must not be empty");
+        }
+    }
+}
+
+impl Config {
+    /// Checks the semantic rules of the model and returns every violation, each with the
+    /// camelCase YAML path of the offending field (`listeners[1].auth`). Does not touch the
+    /// filesystem; see [`TlsSpec::check_files`] for that.
+    pub fn validate(&self) -> Result<(), Vec<Problem>> {
+        let mut p = Problems::default();
+        if let Some(hostname) = &self.hostname {
+            p.check("hostname", syntax::check_domain(hostname, false));
+        }
+        check_listeners(&self.listeners, &mut p);
+        check_queue(&self.queue, &mut p);
+        check_http(&self.http, &self.listeners, &mut p);
+        check_log(&self.log, &mut p);
+        if p.0.is_empty() { Ok(()) } else { Err(p.0) }
+    }
+}
+
+fn check_listeners(listeners: &[ListenerSpec], p: &mut Problems) {
+    if listeners.is_empty() {
+        p.push("listeners", "at least one listener is required");
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, listener) in listeners.iter().enumerate() {
+        let at = format!("listeners[{i}]");
+        if let Some(first) = names.insert(&listener.name, i) {
+            names.insert(&listener.name, first);
+            p.push(
+                format!("{at}.name"),
+                format!(
+                    "duplicate name {:?}: already used by listeners[{first}]",
+                    listener.name
+                ),
+            );
+        }
+        if let Ok(addr) = listener.try_socket_addr()
+            && let Some(first) = addresses.insert(addr, i)
+        {
+            addresses.insert(addr, first);
+            p.push(
+                format!("{at}.address"),
+                format!("duplicate address {addr}: already used by listeners[{first}]"),
+            );
+        }
+        check_listener(listener, &at, p);
+    }
+}
+
+fn check_listener(l: &ListenerSpec, at: &str, p: &mut Problems) {
+    p.check(format!("{at}.name"), syntax::check_listener_name(&l.name));
+    p.check(format!("{at}.address"), check_socket_addr(&l.address));
+    if let Some(hostname) = &l.hostname {
+        p.check(
+            format!("{at}.hostname"),
+            syntax::check_domain(hostname, false),
+        );
+    }
+    for (j, domain) in l.accepted_domains.iter().enumerate() {
+        p.check(
+            format!("{at}.acceptedDomains[{j}]"),
+            syntax::check_domain(domain, true),
+        );
+    }
+    match l.mode {
+        ListenerMode::Mx if l.accepted_domains.is_empty() && l.relay_networks.is_empty() => p.push(
+            format!("{at}.acceptedDomains"),
+            "an mx listener with no acceptedDomains and no relayNetworks would accept nothing: \
+             list the domains to receive mail for",
+        ),
+        ListenerMode::Submission => {
+            if l.auth.is_none() {
+                p.push(
+                    format!("{at}.auth"),
+                    "a submission listener requires auth: submission is for authenticated \
+                     users (RFC 6409)",
+                );
+            }
+            if l.tls.is_none() {
+                p.push(
+                    format!("{at}.tls"),
+                    "a submission listener requires tls: AUTH is only offered over TLS",
+                );
+            }
+        }
+        ListenerMode::Mx => {}
+    }
+    if l.mode == ListenerMode::Mx && l.auth.is_some() && l.tls.is_none() {
+        p.push(
+            format!("{at}.auth"),
+            format!("AUTH is only offered over TLS: set {at}.tls"),
+        );
+    }
+    if let Some(tls) = &l.tls {
+        check_tls(tls, &format!("{at}.tls"), p);
+    }
+    if let Some(auth) = &l.auth {
+        check_auth(auth, &format!("{at}.auth"), p);
+    }
+    check_limits(&l.limits, l.mode, &format!("{at}.limits"), p);
+    check_timeouts(&l.timeouts, &format!("{at}.timeouts"), p);
+    for (j, plugin) in l.plugins.iter().enumerate() {
+        check_plugin(plugin, &format!("{at}.plugins[{j}]"), p);
+    }
+}
+
+fn check_socket_addr(address: &str) -> Result<(), String> {
+    address.trim().parse::<SocketAddr>().map(drop).map_err(|_| {
+        format!(
+            "invalid address {address:?}: expected an IP address and a port, \
+             e.g. \"127.0.0.1:2525\" or \"[::]:25\""
+        )
+    })
+}
+
+fn check_tls(tls: &TlsSpec, at: &str, p: &mut Problems) {
+    p.non_empty(format!("{at}.certFile"), &tls.cert_file);
+    p.non_empty(format!("{at}.keyFile"), &tls.key_file);
+    if tls.reload_interval.as_duration().as_secs() < 1 {
+        p.push(format!("{at}.reloadInterval"), "must be at least 1s");
+    }
+}
+
+fn check_auth(auth: &AuthSpec, at: &str, p: &mut Problems) {
+    p.non_empty(format!("{at}.usersFile"), &auth.users_file);
+    if auth.mechanisms.is_empty() {
+        p.push(
+            format!("{at}.mechanisms"),
+            "at least one mechanism is required (PLAIN, LOGIN)",
+        );
+    }
+    for (j, mechanism) in auth.mechanisms.iter().enumerate() {
+        if auth.mechanisms[..j].contains(mechanism) {
+            p.push(
+                format!("{at}.mechanisms[{j}]"),
+                format!("duplicate mechanism {}", mechanism.as_str()),
+            );
+        }
+    }
+}
+
+fn check_limits(limits: &Limits, mode: ListenerMode, at: &str, p: &mut Problems) {
+    let min_recipients = match mode {
+        ListenerMode::Mx => 100, // RFC 5321 section 4.5.3.1.8
+        ListenerMode::Submission => 1,
+    };
+    let Limits {
+        max_message_size,
+        max_recipients,
+        max_line_length,
+        max_command_length,
+        max_connections,
+        max_connections_per_ip,
+        max_errors,
+        max_messages_per_connection,
+    } = limits;
+    let size = max_message_size.bytes();
+    if !(1 << 10..=1 << 30).contains(&size) {
+        p.push(
+            format!("{at}.maxMessageSize"),
+            format!("{max_message_size} is out of range: expected 1KiB to 1GiB"),
+        );
+    }
+    p.range(
+        format!("{at}.maxRecipients"),
+        (*max_recipients).into(),
+        min_recipients..=100_000,
+    );
+    p.range(
+        format!("{at}.maxLineLength"),
+        (*max_line_length).into(),
+        78..=1 << 20,
+    );
+    p.range(
+        format!("{at}.maxCommandLength"),
+        (*max_command_length).into(),
+        512..=1 << 16,
+    );
+    p.range(
+        format!("{at}.maxConnections"),
+        (*max_connections).into(),
+        1..=1_000_000,
+    );
+    p.range(
+        format!("{at}.maxConnectionsPerIp"),
+        (*max_connections_per_ip).into(),
+        1..=(*max_connections).max(1).into(),
+    );
+    p.range(format!("{at}.maxErrors"), (*max_errors).into(), 1..=1000);
+    p.range(
+        format!("{at}.maxMessagesPerConnection"),
+        (*max_messages_per_connection).into(),
+        1..=1_000_000,
+    );
+}
+
+fn check_timeouts(t: &Timeouts, at: &str, p: &mut Problems) {
+    let Timeouts {
+        command,
+        data_init,
+        data_block,
+        data_termination,
+        tls_handshake,
+        session,
+        shutdown_grace: _, // 0s is meaningful: close at once
+    } = t;
+    let positive: [(&str, &HumanDuration); 6] = [
+        ("command", command),
+        ("dataInit", data_init),
+        ("dataBlock", data_block),
+        ("dataTermination", data_termination),
+        ("tlsHandshake", tls_handshake),
+        ("session", session),
+    ];
+    for (field, value) in positive {
+        if value.is_zero() {
+            p.push(format!("{at}.{field}"), "must be longer than 0s");
+        }
+    }
+}
+
+fn check_plugin(plugin: &PluginSpec, at: &str, p: &mut Problems) {
+    let kinds = plugin.kinds_set();
+    if kinds.len() != 1 {
+        p.push(
+            at.to_owned(),
+            format!(
+                "set exactly one plugin kind (one of: {}), found {}",
+                PluginSpec::KINDS.join(", "),
+                if kinds.is_empty() {
+                    "none".to_owned()
+                } else {
+                    kinds.join(" and ")
+                }
+            ),
+        );
+    }
+    if let Some(access) = &plugin.access {
+        check_access(access, &format!("{at}.access"), p);
+    }
+}
+
+fn check_access(a: &AccessPluginSpec, at: &str, p: &mut Problems) {
+    for (j, pattern) in a.deny_helo.iter().enumerate() {
+        p.check(
+            format!("{at}.denyHelo[{j}]"),
+            syntax::check_helo_pattern(pattern),
+        );
+    }
+    let lists = [
+        ("denySenders", &a.deny_senders),
+        ("denyRecipients", &a.deny_recipients),
+        ("allowSenders", &a.allow_senders),
+    ];
+    for (field, patterns) in lists {
+        for (j, pattern) in patterns.iter().enumerate() {
+            p.check(
+                format!("{at}.{field}[{j}]"),
+                syntax::check_address_pattern(pattern),
+            );
+        }
+    }
+}
+
+fn check_queue(queue: &QueueSpec, p: &mut Problems) {
+    let backends = queue.backends_set();
+    if backends.len() != 1 {
+        p.push(
+            "queue",
+            format!(
+                "set exactly one queue backend (one of: {})",
+                QueueSpec::BACKENDS.join(", ")
+            ),
+        );
+    }
+    if let Some(local) = &queue.local {
+        p.non_empty("queue.local.path".to_owned(), &local.path);
+        p.range(
+            "queue.local.maxBatch".to_owned(),
+            local.max_batch.into(),
+            1..=65_536,
+        );
+    }
+}
+
+fn check_http(http: &HttpSpec, listeners: &[ListenerSpec], p: &mut Problems) {
+    p.check("http.address", check_socket_addr(&http.address));
+    if let Ok(addr) = http.try_socket_addr()
+        && let Some(i) = listeners
+            .iter()
+            .position(|l| l.try_socket_addr() == Ok(addr))
+    {
+        p.push(
+            "http.address",
+            format!("address {addr} is already used by listeners[{i}]"),
+        );
+    }
+}
+
+fn check_log(log: &LogSpec, p: &mut Problems) {
+    p.non_empty("log.level".to_owned(), &log.level);
+    if let Some(path) = &log.delivery_log {
+        p.non_empty("log.deliveryLog".to_owned(), path);
+    }
+}

@@ -1,0 +1,578 @@
+//! The `local` backend: an embedded on-disk spool for `mailroom serve`.
+//!
+//! Layout under the spool path:
+//!
+//! ```text
+//! lock            held (flock) by the one writer process
+//! tmp/            messages being written; leftovers are deleted at open
+//! queue/<ULID>.msg  committed messages (format: see below)
+//! corrupt/        files that failed their checks at open, kept for inspection
+//! ```
+//!
+//! # Durability
+//!
+//! `enqueue` writes `tmp/<ULID>.msg`, fdatasyncs it, renames it into `queue/` (refusing to replace
+//! an existing entry), and hands it to the group committer, which fsyncs the `queue/` directory
+//! once for every batch of pending renames and deletes. Only then is the entry indexed and
+//! `enqueue` answered. File writes and fdatasyncs of concurrent enqueues run in parallel on the
+//! blocking pool, so the file system's journal commits them together too.
+//!
+//! After a failed fsync the queue stops accepting messages ([`Queue::is_ready`] turns false):
+//! after such an error the page cache can no longer be trusted, and a restart re-reads the spool.
+//!
+//! # Index
+//!
+//! `open` reads every entry's header and envelope (checking length and envelope checksum) into
+//! an in-memory index that serves `list` and `stats`; `get` reads the file and checks the body
+//! checksum too. Corrupt files are moved to `corrupt/`.
+
+mod committer;
+mod format;
+mod index;
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{EntrySummary, Queue, QueueError, QueueId, QueueStats, StoredMessage};
+use committer::Op;
+use index::Index;
+
+/// Options of the local backend.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// Group commit cap: at most this many renames/deletes share one directory fsync.
+    /// Default 256.
+    pub max_batch: usize,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions { max_batch: 256 }
+    }
+}
+
+/// Counts of the synchronous disk flushes done so far (for benchmarks and metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Messages committed by `enqueue`.
+    pub enqueued: u64,
+    /// fdatasync calls on message files.
+    pub file_syncs: u64,
+    /// fsync calls on the `queue/` directory (one per group commit).
+    pub dir_syncs: u64,
+    /// Group commits (batches), including those that needed no fsync.
+    pub batches: u64,
+}
+
+/// What the spool open found.
+#[derive(Default)]
+struct OpenReport {
+    tmp_removed: usize,
+    quarantined: usize,
+}
+
+/// State shared by the queue handle, the writers and the committer thread.
+struct Shared {
+    root: PathBuf,
+    tmp_dir: PathBuf,
+    queue_dir: PathBuf,
+    corrupt_dir: PathBuf,
+    /// Open handle of `queue/` for the directory fsync (writer only).
+    queue_dir_handle: Option<File>,
+    read_only: bool,
+    index: Mutex<Index>,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<String>,
+    enqueued: AtomicU64,
+    file_syncs: AtomicU64,
+    dir_syncs: AtomicU64,
+    batches: AtomicU64,
+}
+
+impl Shared {
+    fn new(root: PathBuf, read_only: bool) -> Self {
+        Shared {
+            tmp_dir: root.join("tmp"),
+            queue_dir: root.join("queue"),
+            corrupt_dir: root.join("corrupt"),
+            root,
+            queue_dir_handle: None,
+            read_only,
+            index: Mutex::new(Index::default()),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(String::new()),
+            enqueued: AtomicU64::new(0),
+            file_syncs: AtomicU64::new(0),
+            dir_syncs: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn entry_path(&self, id: QueueId) -> PathBuf {
+        self.queue_dir.join(format!("{id}.msg"))
+    }
+
+    fn poison(&self, reason: String) {
+        *self.poison_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        self.poisoned.store(true, Ordering::SeqCst);
+    }
+
+    /// `Err(reason)` once an fsync failed.
+    fn check_poisoned(&self) -> Result<(), String> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(self
+                .poison_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// fsyncs `queue/` (one per group commit).
+    fn sync_queue_dir(&self) -> Result<(), QueueError> {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let Some(handle) = &self.queue_dir_handle else {
+            return Err(QueueError::ReadOnly("sync"));
+        };
+        self.dir_syncs.fetch_add(1, Ordering::Relaxed);
+        handle
+            .sync_all()
+            .map_err(|e| QueueError::io("fsync directory", &self.queue_dir, e))
+    }
+
+    /// Writes, fdatasyncs and renames one message into `queue/`, then hands it to the
+    /// committer. Runs on the blocking pool; finishes even if the enqueue future is dropped.
+    fn write_entry(
+        &self,
+        message: &StoredMessage,
+        head: &[u8],
+        trailer: &[u8],
+        tx: &mpsc::UnboundedSender<Op>,
+    ) -> Result<oneshot::Receiver<Result<(), QueueError>>, QueueError> {
+        let id = message.envelope.id;
+        let name = format!("{id}.msg");
+        let tmp = self.tmp_dir.join(&name);
+        let dst = self.queue_dir.join(&name);
+
+        let written = (|| {
+            let mut file = File::options()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(|e| QueueError::io("create", &tmp, e))?;
+            file.write_all(head)
+                .and_then(|()| file.write_all(&message.body))
+                .and_then(|()| file.write_all(trailer))
+                .map_err(|e| QueueError::io("write", &tmp, e))?;
+            self.file_syncs.fetch_add(1, Ordering::Relaxed);
+            file.sync_data()
+                .map_err(|e| QueueError::io("fdatasync", &tmp, e))?;
+            rename_noreplace(&tmp, &dst).map_err(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    QueueError::Duplicate(id)
+                } else {
+                    QueueError::io("rename into queue", &tmp, e)
+                }
+            })
+        })();
+        if let Err(e) = written {
+            // Nothing was promised; leave nothing behind (the create may have failed because a
+            // concurrent enqueue of the same id owns the tmp file: then it is not ours to remove).
+            if !matches!(&e, QueueError::Io { op: "create", .. }) {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            return Err(e);
+        }
+
+        let (reply, rx) = oneshot::channel();
+        let summary = EntrySummary::of(&message.envelope, message.body.len() as u64);
+        if tx
+            .send(Op::Insert {
+                summary,
+                path: dst.clone(),
+                reply,
+            })
+            .is_err()
+        {
+            let _ = std::fs::remove_file(&dst);
+            return Err(QueueError::Unavailable("queue committer stopped".into()));
+        }
+        Ok(rx)
+    }
+
+    /// Moves a corrupt file to `corrupt/`, never replacing an earlier one; returns its new path.
+    fn quarantine(&self, path: &Path) -> PathBuf {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "unnamed".into());
+        let mut target = self.corrupt_dir.join(&name);
+        let mut result = rename_noreplace(path, &target);
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::AlreadyExists) {
+            target = self.corrupt_dir.join(format!("{name}.{}", QueueId::new()));
+            result = rename_noreplace(path, &target);
+        }
+        match result {
+            Ok(()) => target,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "could not move corrupt queue file to corrupt/");
+                path.to_path_buf()
+            }
+        }
+    }
+
+    /// Reads every entry of `queue/` into the index. In writer mode corrupt files are
+    /// quarantined, in read-only mode skipped.
+    fn scan(&self, report: &mut OpenReport) -> Result<(), QueueError> {
+        let entries = std::fs::read_dir(&self.queue_dir)
+            .map_err(|e| QueueError::io("read directory", &self.queue_dir, e))?;
+        let mut index = Index::default();
+        for entry in entries {
+            let entry = entry.map_err(|e| QueueError::io("read directory", &self.queue_dir, e))?;
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                tracing::warn!(path = %path.display(), "unexpected directory in queue/, ignored");
+                continue;
+            }
+            let named_like_entry = path.extension().is_some_and(|ext| ext == "msg")
+                && path
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .is_some_and(|s| s.parse::<QueueId>().is_ok());
+            let result = if named_like_entry {
+                format::read_envelope(&path)
+            } else {
+                Err(QueueError::Corrupt {
+                    path: path.clone(),
+                    reason: "file name is not <ULID>.msg".into(),
+                })
+            };
+            match result {
+                Ok((envelope, body_len)) => index.insert(EntrySummary::of(&envelope, body_len)),
+                Err(QueueError::Io { source, .. })
+                    if self.read_only && source.kind() == io::ErrorKind::NotFound =>
+                {
+                    // Deleted by the running server since we listed the directory.
+                }
+                Err(QueueError::Corrupt { path, reason }) => {
+                    if self.read_only {
+                        tracing::warn!(path = %path.display(), %reason, "corrupt queue file skipped");
+                    } else {
+                        let moved = self.quarantine(&path);
+                        report.quarantined += 1;
+                        tracing::error!(path = %path.display(), moved_to = %moved.display(), %reason, "corrupt queue file quarantined");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        *self.index() = index;
+        Ok(())
+    }
+
+    /// Deletes everything in `tmp/` (writes that never committed).
+    fn clean_tmp(&self, report: &mut OpenReport) -> Result<(), QueueError> {
+        let entries = std::fs::read_dir(&self.tmp_dir)
+            .map_err(|e| QueueError::io("read directory", &self.tmp_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| QueueError::io("read directory", &self.tmp_dir, e))?;
+            let path = entry.path();
+            let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(|e| QueueError::io("remove leftover", &path, e))?;
+            report.tmp_removed += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks one entry completely. In writer mode a corrupt entry is quarantined
+    /// and dropped from the index.
+    fn read_entry(&self, id: QueueId) -> Result<Option<StoredMessage>, QueueError> {
+        let path = self.entry_path(id);
+        let data = match std::fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(QueueError::io("read", &path, e)),
+        };
+        match format::decode(&path, Bytes::from(data)) {
+            Ok(message) => Ok(Some(message)),
+            Err(QueueError::Corrupt { path, reason }) if !self.read_only => {
+                let moved = self.quarantine(&path);
+                self.index().remove(id);
+                tracing::error!(path = %path.display(), moved_to = %moved.display(), %reason, "corrupt queue file quarantined");
+                Err(QueueError::Corrupt {
+                    path: moved,
+                    reason,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::NOSYS => {
+            // File system without RENAME_NOREPLACE: check, then rename (racy only between two
+            // writers of the same id, which the spool lock and unique ids rule out).
+            if to.try_exists()? {
+                Err(io::Error::from(io::ErrorKind::AlreadyExists))
+            } else {
+                std::fs::rename(from, to)
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// fsyncs a directory so that entries created in it survive a crash.
+fn sync_dir(path: &Path) -> Result<(), QueueError> {
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| QueueError::io("fsync directory", path, e))
+}
+
+fn create_dir(path: &Path) -> Result<(), QueueError> {
+    std::fs::create_dir_all(path).map_err(|e| QueueError::io("create directory", path, e))
+}
+
+/// The local spool queue. Cheap to share behind an `Arc`; all methods take `&self`.
+pub struct LocalQueue {
+    shared: Arc<Shared>,
+    /// To the committer thread; `None` when read-only.
+    tx: Option<mpsc::UnboundedSender<Op>>,
+    /// The spool lock, held while this handle lives; `None` when read-only.
+    _lock: Option<File>,
+}
+
+impl LocalQueue {
+    /// Opens (creating if needed) the spool at `path`, deletes leftovers in tmp/, rebuilds the in-memory index
+    /// by reading every entry's envelope; corrupt/partial files are moved to `corrupt/` and logged, never panics.
+    ///
+    /// Fails with [`QueueError::Locked`] if another handle (in this or another process) has the
+    /// spool open for writing.
+    pub async fn open(
+        path: impl Into<PathBuf>,
+        options: LocalOptions,
+    ) -> Result<LocalQueue, QueueError> {
+        let root = path.into();
+        tokio::task::spawn_blocking(move || Self::open_blocking(root, options))
+            .await
+            .map_err(|e| QueueError::Unavailable(format!("opening the spool: task failed: {e}")))?
+    }
+
+    fn open_blocking(root: PathBuf, options: LocalOptions) -> Result<LocalQueue, QueueError> {
+        let mut shared = Shared::new(root, false);
+        for dir in [
+            &shared.root,
+            &shared.tmp_dir,
+            &shared.queue_dir,
+            &shared.corrupt_dir,
+        ] {
+            create_dir(dir)?;
+        }
+        let lock_path = shared.root.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| QueueError::io("open lock file", &lock_path, e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(QueueError::Locked { path: lock_path });
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(QueueError::io("lock", &lock_path, e));
+            }
+        }
+        // Make the directories themselves durable.
+        sync_dir(&shared.root)?;
+
+        let mut report = OpenReport::default();
+        shared.clean_tmp(&mut report)?;
+        shared.scan(&mut report)?;
+        if report.quarantined > 0 {
+            sync_dir(&shared.queue_dir)?;
+            sync_dir(&shared.corrupt_dir)?;
+        }
+        shared.queue_dir_handle = Some(
+            File::open(&shared.queue_dir)
+                .map_err(|e| QueueError::io("open directory", &shared.queue_dir, e))?,
+        );
+
+        let shared = Arc::new(shared);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let committer_shared = Arc::clone(&shared);
+        let max_batch = options.max_batch;
+        std::thread::Builder::new()
+            .name("mailroom-queue-commit".into())
+            .spawn(move || committer::run(committer_shared, rx, max_batch))
+            .map_err(|e| QueueError::io("spawn committer thread", &shared.root, e))?;
+
+        let stats = shared.index().stats();
+        tracing::info!(
+            path = %shared.root.display(),
+            messages = stats.messages,
+            bytes = stats.bytes,
+            tmp_removed = report.tmp_removed,
+            quarantined = report.quarantined,
+            "local queue opened"
+        );
+        Ok(LocalQueue {
+            shared,
+            tx: Some(tx),
+            _lock: Some(lock),
+        })
+    }
+
+    /// Read-only view for the CLI (`mailroom queue stats|list|show`) while a server may be running: no tmp cleanup, no writer.
+    ///
+    /// `list` and `stats` show the spool as it was at open; `get` reads the current files.
+    /// Corrupt entries are skipped (and logged), not moved.
+    pub async fn open_read_only(path: impl Into<PathBuf>) -> Result<LocalQueue, QueueError> {
+        let root = path.into();
+        tokio::task::spawn_blocking(move || {
+            let shared = Shared::new(root, true);
+            shared.scan(&mut OpenReport::default())?;
+            Ok(LocalQueue {
+                shared: Arc::new(shared),
+                tx: None,
+                _lock: None,
+            })
+        })
+        .await
+        .map_err(|e| QueueError::Unavailable(format!("opening the spool: task failed: {e}")))?
+    }
+
+    /// The spool directory.
+    pub fn path(&self) -> &Path {
+        &self.shared.root
+    }
+
+    /// Whether this handle was opened with [`LocalQueue::open_read_only`].
+    pub fn is_read_only(&self) -> bool {
+        self.shared.read_only
+    }
+
+    /// How many flushes the queue has done so far.
+    pub fn io_counters(&self) -> IoCounters {
+        IoCounters {
+            enqueued: self.shared.enqueued.load(Ordering::Relaxed),
+            file_syncs: self.shared.file_syncs.load(Ordering::Relaxed),
+            dir_syncs: self.shared.dir_syncs.load(Ordering::Relaxed),
+            batches: self.shared.batches.load(Ordering::Relaxed),
+        }
+    }
+
+    fn sender(&self, op: &'static str) -> Result<&mpsc::UnboundedSender<Op>, QueueError> {
+        let tx = self.tx.as_ref().ok_or(QueueError::ReadOnly(op))?;
+        self.shared
+            .check_poisoned()
+            .map_err(QueueError::Unavailable)?;
+        Ok(tx)
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> QueueError {
+    QueueError::Unavailable(format!("queue I/O task failed: {e}"))
+}
+
+fn committer_gone<T>(_: T) -> QueueError {
+    QueueError::Unavailable("queue committer stopped".into())
+}
+
+#[async_trait::async_trait]
+impl Queue for LocalQueue {
+    async fn enqueue(&self, message: StoredMessage) -> Result<(), QueueError> {
+        let tx = self.sender("enqueue")?.clone();
+        let id = message.envelope.id;
+        if self.shared.index().contains(id) {
+            return Err(QueueError::Duplicate(id));
+        }
+        let encoded = format::encode(&message)?;
+        let shared = Arc::clone(&self.shared);
+        let committed = tokio::task::spawn_blocking(move || {
+            shared.write_entry(&message, &encoded.head, &encoded.trailer, &tx)
+        })
+        .await
+        .map_err(join_error)??;
+        committed.await.map_err(committer_gone)??;
+        self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn get(&self, id: QueueId) -> Result<Option<StoredMessage>, QueueError> {
+        if !self.shared.read_only && !self.shared.index().contains(id) {
+            return Ok(None);
+        }
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || shared.read_entry(id))
+            .await
+            .map_err(join_error)?
+    }
+
+    async fn list(&self, limit: usize) -> Result<Vec<EntrySummary>, QueueError> {
+        Ok(self.shared.index().list(limit))
+    }
+
+    async fn stats(&self) -> Result<QueueStats, QueueError> {
+        Ok(self.shared.index().stats())
+    }
+
+    async fn delete(&self, id: QueueId) -> Result<bool, QueueError> {
+        let tx = self.sender("delete")?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(Op::Delete { id, reply }).map_err(committer_gone)?;
+        rx.await.map_err(committer_gone)?
+    }
+
+    fn is_ready(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| !tx.is_closed())
+            && !self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    fn backend(&self) -> &'static str {
+        "local"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rename_noreplace_refuses_to_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, b"new").unwrap();
+        std::fs::write(&b, b"old").unwrap();
+        let err = rename_noreplace(&a, &b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&b).unwrap(), b"old");
+        std::fs::remove_file(&b).unwrap();
+        rename_noreplace(&a, &b).unwrap();
+        assert_eq!(std::fs::read(&b).unwrap(), b"new");
+        assert!(!a.exists());
+    }
+}

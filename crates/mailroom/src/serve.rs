@@ -1,0 +1,143 @@
+//! `mailroom serve` and `mailroom check`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use mailroom_config::Config;
+use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use mailroom_queue::Queue;
+use mailroom_queue::local::{LocalOptions, LocalQueue};
+use mailroom_telemetry::{DeliveryLog, LogFormat, Readiness, init_tracing, serve_http};
+use tokio_util::sync::CancellationToken;
+
+use crate::load_config;
+
+/// Raises the open-files limit to the hard limit: every connection is a descriptor.
+fn raise_nofile() {
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
+        if soft < hard {
+            if let Err(e) = rlimit::Resource::NOFILE.set(hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
+            }
+        }
+    }
+}
+
+/// Validates everything `serve` would use, without binding or writing anything.
+pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let mut problems = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let hostname = config.listener_hostname(l);
+        if let Err(e) = mailroom_inbound::ListenerContext::check(l, &format!("listeners[{i}]"), &hostname) {
+            problems.push(e.to_string());
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
+    }
+    let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default config".into());
+    println!("{origin}: ok ({} listener(s))", config.listeners.len());
+    Ok(())
+}
+
+/// Runs the listeners and the embedded queue until SIGINT or SIGTERM.
+pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
+    let config = load_config(path)?;
+    let format = match config.log.format {
+        mailroom_config::LogFormat::Json => LogFormat::Json,
+        _ => LogFormat::Text,
+    };
+    init_tracing(&config.log.level, format);
+    raise_nofile();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let local = config.queue.local.clone().context("queue.local: the embedded queue needs a local spool")?;
+    let queue = LocalQueue::open(&local.path, LocalOptions { max_batch: local.max_batch as usize })
+        .await
+        .with_context(|| format!("queue.local.path {}: cannot open the spool", local.path))?;
+    let queue: Arc<dyn Queue> = Arc::new(queue);
+    let delivery_log = DeliveryLog::open(config.log.delivery_log.as_deref().map(Path::new))?;
+    let deps = InboundDeps {
+        queue: Arc::clone(&queue),
+        delivery_log,
+        hostname: config.effective_hostname(),
+        policy: "default".into(),
+    };
+    let mut listeners = Vec::new();
+    let mut grace = Duration::from_secs(0);
+    for (i, spec) in config.listeners.iter().enumerate() {
+        let l = Listener::bind(spec, &format!("listeners[{i}]"), &deps).await?;
+        tracing::info!(listener = %spec.name, address = %l.local_addr()?, mode = ?spec.mode, "listening");
+        grace = grace.max(spec.timeouts.shutdown_grace.as_duration());
+        listeners.push(l);
+    }
+    let ready = Arc::new(AtomicBool::new(false));
+    let readiness: Readiness = {
+        let ready = Arc::clone(&ready);
+        let queue = Arc::clone(&queue);
+        Arc::new(move || {
+            if !ready.load(Ordering::Acquire) {
+                return Err("listeners not started".into());
+            }
+            if !queue.is_ready() {
+                return Err(format!("queue ({}) unavailable", queue.backend()));
+            }
+            Ok(())
+        })
+    };
+    let http_stop = CancellationToken::new();
+    let http_addr = config.http.socket_addr();
+    let (bound, http_task) = serve_http(http_addr, readiness, http_stop.clone()).await?;
+    tracing::info!(address = %bound, "http endpoints /metrics /healthz /readyz");
+
+    let shutdown = Shutdown::default();
+    let tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(l.run(shutdown.clone()))).collect();
+    ready.store(true, Ordering::Release);
+    tracing::info!(spool = %local.path, "mailroom serve ready");
+
+    wait_for_signal().await;
+    ready.store(false, Ordering::Release);
+    tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; open transactions may finish");
+    shutdown.stop.cancel();
+    let abort = shutdown.abort.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        abort.cancel();
+    });
+    for t in tasks {
+        let _ = t.await;
+    }
+    http_stop.cancel();
+    let _ = http_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
