@@ -150,6 +150,16 @@ pub struct TlsSpec {
 }
 
 impl TlsSpec {
+    /// STARTTLS with the given PEM files and the default reload interval.
+    pub fn new(cert_file: impl Into<String>, key_file: impl Into<String>) -> Self {
+        Self {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            implicit: false,
+            reload_interval: Self::default_reload_interval(),
+        }
+    }
+
     fn default_reload_interval() -> HumanDuration {
         HumanDuration::from_secs(10)
     }

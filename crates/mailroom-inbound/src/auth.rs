@@ -16,7 +16,12 @@ static DUMMY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     use argon2::PasswordHasher;
     argon2::password_hash::SaltString::encode_b64(b"mailroom-dummy-salt")
         .ok()
-        .and_then(|salt| argon2::Argon2::default().hash_password(b"unused", &salt).ok().map(|h| h.to_string()))
+        .and_then(|salt| {
+            argon2::Argon2::default()
+                .hash_password(b"unused", &salt)
+                .ok()
+                .map(|h| h.to_string())
+        })
         .unwrap_or_default()
 });
 
@@ -50,8 +55,15 @@ impl UserDb {
             let Some((name, hash)) = line.split_once(':') else {
                 return Err(format!("line {}: expected name:hash", n + 1));
             };
-            if !(hash.starts_with("$argon2") || hash.starts_with("$2a$") || hash.starts_with("$2b$") || hash.starts_with("$2y$")) {
-                return Err(format!("line {}: user {name:?}: the hash must be argon2 ($argon2id$...) or bcrypt ($2b$...)", n + 1));
+            if !(hash.starts_with("$argon2")
+                || hash.starts_with("$2a$")
+                || hash.starts_with("$2b$")
+                || hash.starts_with("$2y$"))
+            {
+                return Err(format!(
+                    "line {}: user {name:?}: the hash must be argon2 ($argon2id$...) or bcrypt ($2b$...)",
+                    n + 1
+                ));
             }
             users.insert(name.to_string(), hash.to_string());
         }
@@ -77,7 +89,9 @@ impl UserDb {
 fn verify_hash(hash: &str, password: &str) -> bool {
     if hash.starts_with("$argon2") {
         match argon2::PasswordHash::new(hash) {
-            Ok(parsed) => argon2::Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok(),
+            Ok(parsed) => argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok(),
             Err(_) => false,
         }
     } else {
@@ -92,8 +106,12 @@ mod tests {
     #[tokio::test]
     async fn verifies_bcrypt_and_argon2() {
         use argon2::PasswordHasher;
-        let salt = argon2::password_hash::SaltString::encode_b64(b"0123456789abcdef").expect("salt");
-        let a = argon2::Argon2::default().hash_password(b"secret1", &salt).expect("hash").to_string();
+        let salt =
+            argon2::password_hash::SaltString::encode_b64(b"0123456789abcdef").expect("salt");
+        let a = argon2::Argon2::default()
+            .hash_password(b"secret1", &salt)
+            .expect("hash")
+            .to_string();
         let b = bcrypt::hash("secret2", 4).expect("bcrypt");
         let db = Arc::new(UserDb::parse(&format!("# users\nalice:{a}\nbob:{b}\n")).expect("parse"));
         assert!(db.verify("alice", "secret1").await);

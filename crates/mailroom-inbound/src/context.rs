@@ -11,10 +11,10 @@ use mailroom_queue::Queue;
 use mailroom_telemetry::DeliveryLog;
 use tokio_rustls::TlsAcceptor;
 
+use crate::InboundError;
 use crate::auth::UserDb;
 use crate::limits::ConnectionLimits;
 use crate::tls::{ReloadingCert, acceptor};
-use crate::InboundError;
 
 /// What every listener needs from the process that runs it.
 #[derive(Clone)]
@@ -76,17 +76,31 @@ pub struct ListenerContext {
 
 impl ListenerContext {
     /// Resolves a listener spec; `path` is its field path (`listeners[0]`) for error messages.
-    pub fn build(spec: &ListenerSpec, path: &str, deps: &InboundDeps) -> Result<Self, InboundError> {
-        let hostname = spec.hostname.clone().unwrap_or_else(|| deps.hostname.clone());
+    pub fn build(
+        spec: &ListenerSpec,
+        path: &str,
+        deps: &InboundDeps,
+    ) -> Result<Self, InboundError> {
+        let hostname = spec
+            .hostname
+            .clone()
+            .unwrap_or_else(|| deps.hostname.clone());
         let plugins = build_chain(
             &spec.plugins,
             &format!("{path}.plugins"),
-            &BuildContext { listener: spec.name.clone(), hostname: hostname.clone() },
+            &BuildContext {
+                listener: spec.name.clone(),
+                hostname: hostname.clone(),
+            },
         )?;
         let (tls, cert) = match &spec.tls {
             Some(t) => {
-                let cert = ReloadingCert::load(t.cert_file.as_ref(), t.key_file.as_ref())
-                    .map_err(|reason| InboundError::Tls { listener: spec.name.clone(), reason: format!("{path}.tls: {reason}") })?;
+                let cert = ReloadingCert::load(t.cert_file.as_ref(), t.key_file.as_ref()).map_err(
+                    |reason| InboundError::Tls {
+                        listener: spec.name.clone(),
+                        reason: format!("{path}.tls: {reason}"),
+                    },
+                )?;
                 (Some(acceptor(&spec.name, Arc::clone(&cert))?), Some(cert))
             }
             None => (None, None),
@@ -152,11 +166,18 @@ impl ListenerContext {
         build_chain(
             &spec.plugins,
             &format!("{path}.plugins"),
-            &BuildContext { listener: spec.name.clone(), hostname: hostname.to_string() },
+            &BuildContext {
+                listener: spec.name.clone(),
+                hostname: hostname.to_string(),
+            },
         )?;
         if let Some(t) = &spec.tls {
-            ReloadingCert::load(t.cert_file.as_ref(), t.key_file.as_ref())
-                .map_err(|reason| InboundError::Tls { listener: spec.name.clone(), reason: format!("{path}.tls: {reason}") })?;
+            ReloadingCert::load(t.cert_file.as_ref(), t.key_file.as_ref()).map_err(|reason| {
+                InboundError::Tls {
+                    listener: spec.name.clone(),
+                    reason: format!("{path}.tls: {reason}"),
+                }
+            })?;
         }
         if let Some(a) = &spec.auth {
             UserDb::load(a.users_file.as_ref(), &spec.name)?;

@@ -48,8 +48,12 @@ pub async fn read_proxy_header<S: AsyncRead + Unpin>(
                         };
                         (client, h.len())
                     }
-                    HeaderResult::V1(Err(e)) => return Err(ProxyError::Malformed(format!("{e:?}"))),
-                    HeaderResult::V2(Err(e)) => return Err(ProxyError::Malformed(format!("{e:?}"))),
+                    HeaderResult::V1(Err(e)) => {
+                        return Err(ProxyError::Malformed(format!("{e:?}")));
+                    }
+                    HeaderResult::V2(Err(e)) => {
+                        return Err(ProxyError::Malformed(format!("{e:?}")));
+                    }
                 };
                 let rest = buf.split_off(len.min(buf.len()));
                 return Ok((client, rest));
@@ -98,7 +102,10 @@ mod tests {
         let header = ppp::v2::Builder::with_addresses(
             ppp::v2::Version::Two | ppp::v2::Command::Proxy,
             ppp::v2::Protocol::Stream,
-            ("[2001:db8::1]:1234".parse::<SocketAddr>().expect("addr"), "[2001:db8::2]:25".parse::<SocketAddr>().expect("addr")),
+            (
+                "[2001:db8::1]:1234".parse::<SocketAddr>().expect("addr"),
+                "[2001:db8::2]:25".parse::<SocketAddr>().expect("addr"),
+            ),
         )
         .build()
         .expect("build header");

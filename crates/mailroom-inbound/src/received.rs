@@ -33,8 +33,18 @@ pub fn protocol(info: &SessionInfo, smtputf8: bool) -> String {
 }
 
 /// Builds the queued message: Received, plugin headers, then `body`.
-pub fn assemble(info: &SessionInfo, tx: &Transaction, queue_id: &str, edits: &MessageEdits, body: &[u8]) -> Vec<u8> {
-    let helo = info.helo.as_deref().map(clean).unwrap_or_else(|| "unknown".into());
+pub fn assemble(
+    info: &SessionInfo,
+    tx: &Transaction,
+    queue_id: &str,
+    edits: &MessageEdits,
+    body: &[u8],
+) -> Vec<u8> {
+    let helo = info
+        .helo
+        .as_deref()
+        .map(clean)
+        .unwrap_or_else(|| "unknown".into());
     let mut head = format!(
         "Received: from {helo} ([{ip}])\r\n\tby {host} (Mailroom) with {proto} id {queue_id}",
         ip = info.client_ip(),
@@ -42,7 +52,11 @@ pub fn assemble(info: &SessionInfo, tx: &Transaction, queue_id: &str, edits: &Me
         proto = protocol(info, tx.mail_params.smtputf8),
     );
     if let [(ForwardPath::Mailbox(m), _)] = tx.recipients.as_slice() {
-        head.push_str(&format!("\r\n\tfor <{}@{}>", clean(&m.local), clean(&m.domain)));
+        head.push_str(&format!(
+            "\r\n\tfor <{}@{}>",
+            clean(&m.local),
+            clean(&m.domain)
+        ));
     }
     head.push_str(&format!(";\r\n\t{}\r\n", chrono::Utc::now().to_rfc2822()));
     for (name, value) in &edits.add_headers {

@@ -40,14 +40,26 @@ pub struct Listener {
 
 impl Listener {
     /// Resolves the spec and binds its address. `path` names the spec in errors (`listeners[0]`).
-    pub async fn bind(spec: &ListenerSpec, path: &str, deps: &InboundDeps) -> Result<Listener, InboundError> {
+    pub async fn bind(
+        spec: &ListenerSpec,
+        path: &str,
+        deps: &InboundDeps,
+    ) -> Result<Listener, InboundError> {
         let ctx = ListenerContext::build(spec, path, deps)?;
         let addr = spec.socket_addr();
         let tcp = TcpListener::bind(addr)
             .await
-            .map_err(|source| InboundError::Bind { listener: spec.name.clone(), addr: addr.to_string(), source })?;
+            .map_err(|source| InboundError::Bind {
+                listener: spec.name.clone(),
+                addr: addr.to_string(),
+                source,
+            })?;
         let reload_every = spec.tls.as_ref().map(|t| t.reload_interval.as_duration());
-        Ok(Listener { ctx: Arc::new(ctx), tcp, reload_every })
+        Ok(Listener {
+            ctx: Arc::new(ctx),
+            tcp,
+            reload_every,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -99,37 +111,72 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, r: Reply) {
     let _ = stream.shutdown().await;
 }
 
-async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>, shutdown: Shutdown) {
+async fn handle_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerContext>,
+    shutdown: Shutdown,
+) {
     let _ = stream.set_nodelay(true);
     let name = ctx.name.clone();
     let Some(_total) = ctx.connections.try_total(ctx.limits.max_connections) else {
-        metrics::CONNECTIONS.with_label_values(&[&name, "limit_total"]).inc();
-        refuse(&mut stream, reply(421, (4, 7, 0), format!("{} Too many connections; try again later", ctx.hostname))).await;
+        metrics::CONNECTIONS
+            .with_label_values(&[&name, "limit_total"])
+            .inc();
+        refuse(
+            &mut stream,
+            reply(
+                421,
+                (4, 7, 0),
+                format!("{} Too many connections; try again later", ctx.hostname),
+            ),
+        )
+        .await;
         return;
     };
     let local = stream.local_addr().unwrap_or(peer);
     let (client, prefix) = if ctx.proxy_protocol {
-        match tokio::time::timeout(ctx.timeouts.tls_handshake, read_proxy_header(&mut stream)).await {
+        match tokio::time::timeout(ctx.timeouts.tls_handshake, read_proxy_header(&mut stream)).await
+        {
             Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
             Ok(Err(e)) => {
-                metrics::CONNECTIONS.with_label_values(&[&name, "proxy_error"]).inc();
+                metrics::CONNECTIONS
+                    .with_label_values(&[&name, "proxy_error"])
+                    .inc();
                 tracing::info!(listener = %name, peer = %peer, error = %e, "PROXY header refused");
                 return;
             }
             Err(_) => {
-                metrics::CONNECTIONS.with_label_values(&[&name, "proxy_error"]).inc();
+                metrics::CONNECTIONS
+                    .with_label_values(&[&name, "proxy_error"])
+                    .inc();
                 return;
             }
         }
     } else {
         (peer, bytes::BytesMut::new())
     };
-    let Some(_per_ip) = ctx.connections.try_ip(client.ip(), ctx.limits.max_connections_per_ip) else {
-        metrics::CONNECTIONS.with_label_values(&[&name, "limit_per_ip"]).inc();
-        refuse(&mut stream, reply(421, (4, 7, 0), format!("{} Too many connections from your address", ctx.hostname))).await;
+    let Some(_per_ip) = ctx
+        .connections
+        .try_ip(client.ip(), ctx.limits.max_connections_per_ip)
+    else {
+        metrics::CONNECTIONS
+            .with_label_values(&[&name, "limit_per_ip"])
+            .inc();
+        refuse(
+            &mut stream,
+            reply(
+                421,
+                (4, 7, 0),
+                format!("{} Too many connections from your address", ctx.hostname),
+            ),
+        )
+        .await;
         return;
     };
-    metrics::CONNECTIONS.with_label_values(&[&name, "accepted"]).inc();
+    metrics::CONNECTIONS
+        .with_label_values(&[&name, "accepted"])
+        .inc();
     let active = metrics::SESSIONS_ACTIVE.with_label_values(&[&name]);
     active.inc();
     let stream = Prefixed::new(prefix, stream);
@@ -147,7 +194,9 @@ async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Lis
     if ctx.implicit_tls {
         tls_session(stream, ctx, info, shutdown, true).await;
     } else {
-        let ended = Session::new(stream, Arc::clone(&ctx), info.clone(), shutdown.clone()).run(true).await;
+        let ended = Session::new(stream, Arc::clone(&ctx), info.clone(), shutdown.clone())
+            .run(true)
+            .await;
         if let Ended::StartTls(stream) = ended {
             tls_session(stream, ctx, info, shutdown, false).await;
         }
@@ -156,20 +205,32 @@ async fn handle_connection(mut stream: TcpStream, peer: SocketAddr, ctx: Arc<Lis
 }
 
 /// Performs the TLS handshake and runs a session over it; `greet` is true for implicit TLS.
-async fn tls_session<S>(stream: S, ctx: Arc<ListenerContext>, mut info: SessionInfo, shutdown: Shutdown, greet: bool)
-where
+async fn tls_session<S>(
+    stream: S,
+    ctx: Arc<ListenerContext>,
+    mut info: SessionInfo,
+    shutdown: Shutdown,
+    greet: bool,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let Some(acceptor) = ctx.tls.clone() else { return };
-    let tls = match tokio::time::timeout(ctx.timeouts.tls_handshake, acceptor.accept(stream)).await {
+    let Some(acceptor) = ctx.tls.clone() else {
+        return;
+    };
+    let tls = match tokio::time::timeout(ctx.timeouts.tls_handshake, acceptor.accept(stream)).await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            metrics::CONNECTIONS.with_label_values(&[&ctx.name, "tls_error"]).inc();
+            metrics::CONNECTIONS
+                .with_label_values(&[&ctx.name, "tls_error"])
+                .inc();
             tracing::info!(listener = %ctx.name, client = %info.client, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            metrics::CONNECTIONS.with_label_values(&[&ctx.name, "tls_error"]).inc();
+            metrics::CONNECTIONS
+                .with_label_values(&[&ctx.name, "tls_error"])
+                .inc();
             return;
         }
     };

@@ -39,7 +39,10 @@ pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<Certified
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{}: bad PEM certificate: {e}", cert_file.display()))?;
     if certs.is_empty() {
-        return Err(format!("{}: no CERTIFICATE block found", cert_file.display()));
+        return Err(format!(
+            "{}: no CERTIFICATE block found",
+            cert_file.display()
+        ));
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|e| format!("{}: cannot read a private key: {e}", key_file.display()))?;
@@ -47,7 +50,11 @@ pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<Certified
         .map_err(|e| format!("{}: unsupported private key: {e}", key_file.display()))?;
     let ck = CertifiedKey::new(certs, signing);
     ck.keys_match().map_err(|e| {
-        format!("{} and {}: the key does not match the certificate: {e}", key_file.display(), cert_file.display())
+        format!(
+            "{} and {}: the key does not match the certificate: {e}",
+            key_file.display(),
+            cert_file.display()
+        )
     })?;
     Ok(ck)
 }
@@ -89,7 +96,9 @@ impl ReloadingCert {
                         seen = now;
                         tracing::info!(cert = %me.cert_file.display(), "TLS certificate reloaded");
                     }
-                    Err(e) => tracing::warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the previous one"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "TLS certificate changed but cannot be loaded; keeping the previous one")
+                    }
                 }
             }
         });
@@ -101,7 +110,10 @@ pub fn acceptor(listener: &str, cert: Arc<ReloadingCert>) -> Result<TlsAcceptor,
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| InboundError::Tls { listener: listener.to_string(), reason: e.to_string() })?
+        .map_err(|e| InboundError::Tls {
+            listener: listener.to_string(),
+            reason: e.to_string(),
+        })?
         .with_no_client_auth()
         .with_cert_resolver(cert);
     Ok(TlsAcceptor::from(Arc::new(config)))

@@ -9,31 +9,65 @@ use common::{Client, TestServer, spec};
 use mailroom_config::HumanDuration;
 use mailroom_queue::{Queue, QueueId};
 
-const BODY: &[u8] = b"Subject: hello\r\nFrom: <sender@client.test>\r\n\r\nHello there.\r\n..dot-stuffed line\r\n";
+const BODY: &[u8] =
+    b"Subject: hello\r\nFrom: <sender@client.test>\r\n\r\nHello there.\r\n..dot-stuffed line\r\n";
 
 #[tokio::test]
 async fn a_message_is_queued_byte_for_byte_with_a_received_header() {
     let server = TestServer::start(spec()).await;
     let mut c = server.session().await;
     let ehlo = c.cmd("EHLO client.test", "250-mx.test").await;
-    for ext in ["PIPELINING", "SIZE 26214400", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"] {
+    for ext in [
+        "PIPELINING",
+        "SIZE 26214400",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "DSN",
+    ] {
         assert!(ehlo.contains(ext), "EHLO lacks {ext}: {ehlo}");
     }
-    assert!(!ehlo.contains("AUTH"), "AUTH must not be offered without TLS");
+    assert!(
+        !ehlo.contains("AUTH"),
+        "AUTH must not be offered without TLS"
+    );
     assert!(!ehlo.contains("STARTTLS"), "no TLS configured");
-    c.cmd("MAIL FROM:<sender@client.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=abc+2Bd", "250 2.1.0").await;
-    c.cmd("RCPT TO:<rcpt@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;rcpt@example.test", "250 2.1.5").await;
+    c.cmd(
+        "MAIL FROM:<sender@client.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=abc+2Bd",
+        "250 2.1.0",
+    )
+    .await;
+    c.cmd(
+        "RCPT TO:<rcpt@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;rcpt@example.test",
+        "250 2.1.5",
+    )
+    .await;
     c.cmd("DATA", "354").await;
     c.send(BODY).await;
     c.send(b".\r\n").await;
     let r = c.expect("250 2.0.0 Ok: queued as ").await;
-    let id: QueueId = r.trim_start_matches("250 2.0.0 Ok: queued as ").parse().expect("ulid in reply");
+    let id: QueueId = r
+        .trim_start_matches("250 2.0.0 Ok: queued as ")
+        .parse()
+        .expect("ulid in reply");
     c.cmd("QUIT", "221 2.0.0").await;
 
-    let stored = server.queue.get(id).await.expect("get").expect("message is in the spool");
+    let stored = server
+        .queue
+        .get(id)
+        .await
+        .expect("get")
+        .expect("message is in the spool");
     let unstuffed = b"Subject: hello\r\nFrom: <sender@client.test>\r\n\r\nHello there.\r\n.dot-stuffed line\r\n";
-    assert!(stored.body.starts_with(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (Mailroom) with ESMTP id "));
-    assert!(stored.body.ends_with(unstuffed), "body differs: {:?}", String::from_utf8_lossy(&stored.body));
+    assert!(stored.body.starts_with(
+        b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (Mailroom) with ESMTP id "
+    ));
+    assert!(
+        stored.body.ends_with(unstuffed),
+        "body differs: {:?}",
+        String::from_utf8_lossy(&stored.body)
+    );
     let e = stored.envelope;
     assert_eq!(e.sender, "sender@client.test");
     assert_eq!(e.recipients.len(), 1);
@@ -41,7 +75,10 @@ async fn a_message_is_queued_byte_for_byte_with_a_received_header() {
     assert_eq!(e.recipients[0].domain, "example.test");
     let notify = e.recipients[0].notify.expect("NOTIFY stored");
     assert!(notify.success && notify.failure && !notify.delay && !notify.never);
-    assert_eq!(e.recipients[0].orcpt.as_ref().map(|o| o.addr.as_str()), Some("rcpt@example.test"));
+    assert_eq!(
+        e.recipients[0].orcpt.as_ref().map(|o| o.addr.as_str()),
+        Some("rcpt@example.test")
+    );
     assert_eq!(e.envid.as_deref(), Some("abc+d"));
     assert_eq!(e.ret, Some(mailroom_smtp::Ret::Hdrs));
 }
@@ -70,7 +107,8 @@ async fn never_an_open_relay() {
     c.cmd("EHLO client.test", "250").await;
     c.cmd("MAIL FROM:<a@client.test>", "250 2.1.0").await;
     c.cmd("RCPT TO:<victim@gmail.test>", "550 5.7.1").await;
-    c.cmd("RCPT TO:<victim@sub.example.test>", "550 5.7.1").await;
+    c.cmd("RCPT TO:<victim@sub.example.test>", "550 5.7.1")
+        .await;
     c.cmd("RCPT TO:<victim@[192.0.2.1]>", "550 5.7.1").await;
     c.cmd("RCPT TO:<victim@EXAMPLE.test>", "250 2.1.5").await;
     c.cmd("RCPT TO:<Postmaster>", "250 2.1.5").await;
@@ -90,7 +128,15 @@ async fn never_an_open_relay() {
 #[tokio::test]
 async fn smuggling_variants_never_end_the_data() {
     let server = TestServer::start(spec()).await;
-    for ending in [&b"\n.\n"[..], b"\r.\r\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r"] {
+    for ending in [
+        &b"\n.\n"[..],
+        b"\r.\r\n",
+        b"\n.\r\n",
+        b"\r\n.\n",
+        b"\r.\r",
+        b"\r\n.\r",
+        b"\n.\r",
+    ] {
         let mut c = server.session().await;
         c.start_data("rcpt@example.test").await;
         let mut payload = b"Subject: innocent\r\n\r\nhello".to_vec();
@@ -119,7 +165,8 @@ async fn overlong_lines_are_refused_without_losing_the_session() {
     c.cmd("NOOP", "250 2.0.0").await;
     // A text line over 1000 octets inside DATA rejects the message, not the session.
     c.start_data("rcpt@example.test").await;
-    c.send(format!("Subject: long\r\n\r\n{}\r\n.\r\n", "y".repeat(1200)).as_bytes()).await;
+    c.send(format!("Subject: long\r\n\r\n{}\r\n.\r\n", "y".repeat(1200)).as_bytes())
+        .await;
     c.expect("550 5.5.2").await;
     c.cmd("RSET", "250 2.0.0").await;
 }
@@ -173,7 +220,8 @@ async fn recipient_limit_gives_452() {
     c.cmd("EHLO client.test", "250").await;
     c.cmd("MAIL FROM:<a@client.test>", "250").await;
     for i in 0..3 {
-        c.cmd(&format!("RCPT TO:<r{i}@example.test>"), "250 2.1.5").await;
+        c.cmd(&format!("RCPT TO:<r{i}@example.test>"), "250 2.1.5")
+            .await;
     }
     c.cmd("RCPT TO:<r4@example.test>", "452 4.5.3").await;
     c.cmd("DATA", "354").await;
@@ -189,7 +237,8 @@ async fn size_limit_as_parameter_and_while_receiving() {
     let mut c = server.session().await;
     let ehlo = c.cmd("EHLO client.test", "250").await;
     assert!(ehlo.contains("SIZE 10240"), "{ehlo}");
-    c.cmd("MAIL FROM:<a@client.test> SIZE=20000", "552 5.3.4").await;
+    c.cmd("MAIL FROM:<a@client.test> SIZE=20000", "552 5.3.4")
+        .await;
     c.cmd("MAIL FROM:<a@client.test>", "250").await;
     c.cmd("RCPT TO:<r@example.test>", "250").await;
     c.cmd("DATA", "354").await;
@@ -281,12 +330,19 @@ async fn bdat_chunks_are_assembled() {
     c.send(format!("BDAT {}\r\n", part1.len()).as_bytes()).await;
     c.send(part1).await;
     c.expect(&format!("250 2.0.0 {} octets", part1.len())).await;
-    c.send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes()).await;
+    c.send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes())
+        .await;
     c.send(part2).await;
     let r = c.expect("250 2.0.0 Ok: queued as ").await;
-    let id: QueueId = r.trim_start_matches("250 2.0.0 Ok: queued as ").parse().expect("id");
+    let id: QueueId = r
+        .trim_start_matches("250 2.0.0 Ok: queued as ")
+        .parse()
+        .expect("id");
     let m = server.queue.get(id).await.expect("get").expect("stored");
-    assert!(m.body.ends_with(b"Subject: chunks\r\n\r\nfirst second\r\n.not stuffed\r\n"));
+    assert!(
+        m.body
+            .ends_with(b"Subject: chunks\r\n\r\nfirst second\r\n.not stuffed\r\n")
+    );
     // BDAT without a transaction: the chunk is consumed, 503, and the stream stays in step.
     c.send(b"BDAT 6\r\nNOOP\r\n").await;
     c.expect("503 5.5.1").await;
@@ -306,7 +362,8 @@ async fn five_hundred_concurrent_connections() {
     for (i, mut c) in clients.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             if i % 10 == 0 {
-                c.send_message("r@example.test", b"Subject: c\r\n\r\nx\r\n").await;
+                c.send_message("r@example.test", b"Subject: c\r\n\r\nx\r\n")
+                    .await;
             }
             c.cmd("QUIT", "221").await;
         }));
@@ -345,8 +402,14 @@ async fn graceful_shutdown_lets_a_transaction_finish() {
     busy.expect("250 2.0.0 Ok: queued").await;
     busy.line("QUIT").await;
     let _ = busy.reply().await;
-    tokio::time::timeout(Duration::from_secs(5), server.task).await.expect("server stops").expect("join");
-    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err(), "no longer accepting");
+    tokio::time::timeout(Duration::from_secs(5), server.task)
+        .await
+        .expect("server stops")
+        .expect("join");
+    assert!(
+        tokio::net::TcpStream::connect(server.addr).await.is_err(),
+        "no longer accepting"
+    );
     assert_eq!(server.queue.stats().await.expect("stats").messages, 1);
 }
 
@@ -356,12 +419,26 @@ async fn proxy_protocol_sets_the_client_address() {
     s.proxy_protocol = true;
     let server = TestServer::start(s).await;
     let mut c = server.connect().await;
-    c.send(b"PROXY TCP4 192.0.2.55 127.0.0.1 40000 25\r\n").await;
+    c.send(b"PROXY TCP4 192.0.2.55 127.0.0.1 40000 25\r\n")
+        .await;
     c.expect("220").await;
-    let id = c.send_message("r@example.test", b"Subject: proxied\r\n\r\nx\r\n").await;
-    let m = server.queue.get(id.parse().expect("id")).await.expect("get").expect("stored");
-    assert!(m.body.starts_with(b"Received: from client.test ([192.0.2.55])"));
-    assert_eq!(m.envelope.client_ip, Some("192.0.2.55".parse().expect("ip")));
+    let id = c
+        .send_message("r@example.test", b"Subject: proxied\r\n\r\nx\r\n")
+        .await;
+    let m = server
+        .queue
+        .get(id.parse().expect("id"))
+        .await
+        .expect("get")
+        .expect("stored");
+    assert!(
+        m.body
+            .starts_with(b"Received: from client.test ([192.0.2.55])")
+    );
+    assert_eq!(
+        m.envelope.client_ip,
+        Some("192.0.2.55".parse().expect("ip"))
+    );
 
     let mut bad = server.connect().await;
     bad.send(b"EHLO not-a-proxy\r\n").await;
@@ -377,7 +454,8 @@ async fn smtputf8_addresses_need_the_parameter() {
     c.cmd("MAIL FROM:<jöran@client.test> SMTPUTF8", "250").await;
     c.cmd("RCPT TO:<tómas@example.test>", "250").await;
     c.cmd("DATA", "354").await;
-    c.send("Subject: ünïcode\r\n\r\nhej\r\n.\r\n".as_bytes()).await;
+    c.send("Subject: ünïcode\r\n\r\nhej\r\n.\r\n".as_bytes())
+        .await;
     c.expect("250 2.0.0").await;
 }
 

@@ -16,7 +16,9 @@ pub struct PluginChain {
 
 impl std::fmt::Debug for PluginChain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.plugins.iter().map(|p| p.name())).finish()
+        f.debug_list()
+            .entries(self.plugins.iter().map(|p| p.name()))
+            .finish()
     }
 }
 
@@ -41,11 +43,20 @@ impl PluginChain {
         self.plugins.iter().map(|p| p.name()).collect()
     }
 
-    fn decided(verdict: Verdict, plugin: &dyn Plugin, hook: Hook) -> Option<(Verdict, &'static str)> {
+    fn decided(
+        verdict: Verdict,
+        plugin: &dyn Plugin,
+        hook: Hook,
+    ) -> Option<(Verdict, &'static str)> {
         if verdict == Verdict::Continue {
             return None;
         }
-        tracing::debug!(plugin = plugin.name(), hook = hook.as_str(), verdict = verdict.label(), "plugin decided");
+        tracing::debug!(
+            plugin = plugin.name(),
+            hook = hook.as_str(),
+            verdict = verdict.label(),
+            "plugin decided"
+        );
         Some((verdict, plugin.name()))
     }
 
@@ -72,7 +83,9 @@ impl PluginChain {
     /// Runs the mail hook.
     pub async fn mail(&self, s: &SessionInfo, from: &ReversePath, params: &MailParams) -> Verdict {
         for p in &self.plugins {
-            if let Some((v, _)) = Self::decided(p.mail(s, from, params).await, p.as_ref(), Hook::Mail) {
+            if let Some((v, _)) =
+                Self::decided(p.mail(s, from, params).await, p.as_ref(), Hook::Mail)
+            {
                 return v;
             }
         }
@@ -80,9 +93,17 @@ impl PluginChain {
     }
 
     /// Runs the rcpt hook.
-    pub async fn rcpt(&self, s: &SessionInfo, tx: &Transaction, to: &ForwardPath, params: &RcptParams) -> Verdict {
+    pub async fn rcpt(
+        &self,
+        s: &SessionInfo,
+        tx: &Transaction,
+        to: &ForwardPath,
+        params: &RcptParams,
+    ) -> Verdict {
         for p in &self.plugins {
-            if let Some((v, _)) = Self::decided(p.rcpt(s, tx, to, params).await, p.as_ref(), Hook::Rcpt) {
+            if let Some((v, _)) =
+                Self::decided(p.rcpt(s, tx, to, params).await, p.as_ref(), Hook::Rcpt)
+            {
                 return v;
             }
         }
@@ -90,9 +111,17 @@ impl PluginChain {
     }
 
     /// Runs the data hook; edits of every plugin that ran are kept in `edits`.
-    pub async fn data(&self, s: &SessionInfo, tx: &Transaction, body: &[u8], edits: &mut MessageEdits) -> Verdict {
+    pub async fn data(
+        &self,
+        s: &SessionInfo,
+        tx: &Transaction,
+        body: &[u8],
+        edits: &mut MessageEdits,
+    ) -> Verdict {
         for p in &self.plugins {
-            if let Some((v, _)) = Self::decided(p.data(s, tx, body, edits).await, p.as_ref(), Hook::Data) {
+            if let Some((v, _)) =
+                Self::decided(p.data(s, tx, body, edits).await, p.as_ref(), Hook::Data)
+            {
                 return v;
             }
         }

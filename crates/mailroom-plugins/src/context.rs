@@ -49,7 +49,11 @@ pub struct Transaction {
 impl Transaction {
     /// A new transaction after `MAIL FROM`.
     pub fn new(sender: ReversePath, mail_params: MailParams) -> Self {
-        Transaction { sender, mail_params, recipients: Vec::new() }
+        Transaction {
+            sender,
+            mail_params,
+            recipients: Vec::new(),
+        }
     }
 }
 
@@ -64,7 +68,11 @@ pub struct MessageEdits {
 impl MessageEdits {
     /// Requests a header field `name: value` (CR and LF in the value are replaced by spaces).
     pub fn add_header(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        let value: String = value.into().chars().map(|c| if c == '\r' || c == '\n' { ' ' } else { c }).collect();
+        let value: String = value
+            .into()
+            .chars()
+            .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+            .collect();
         self.add_headers.push((name.into(), value));
     }
 }

@@ -45,7 +45,12 @@ pub trait Plugin: Send + Sync {
     }
 
     /// `MAIL FROM` passed the server's own checks.
-    async fn mail(&self, _session: &SessionInfo, _from: &ReversePath, _params: &MailParams) -> Verdict {
+    async fn mail(
+        &self,
+        _session: &SessionInfo,
+        _from: &ReversePath,
+        _params: &MailParams,
+    ) -> Verdict {
         Verdict::Continue
     }
 

@@ -31,8 +31,14 @@ impl AddressPattern {
         if p.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(PatternError::BadCharacter(pattern.to_string()));
         }
-        let glob = if let Some(domain) = p.strip_prefix('@') { format!("*@{domain}") } else { p.to_string() };
-        Ok(AddressPattern { glob: glob.to_lowercase() })
+        let glob = if let Some(domain) = p.strip_prefix('@') {
+            format!("*@{domain}")
+        } else {
+            p.to_string()
+        };
+        Ok(AddressPattern {
+            glob: glob.to_lowercase(),
+        })
     }
 
     /// True when `value` (an address or a name) matches, ignoring case.
@@ -94,6 +100,9 @@ mod tests {
     #[test]
     fn bad_patterns_are_refused() {
         assert_eq!(AddressPattern::parse(""), Err(PatternError::Empty));
-        assert!(matches!(AddressPattern::parse("a b@c"), Err(PatternError::BadCharacter(_))));
+        assert!(matches!(
+            AddressPattern::parse("a b@c"),
+            Err(PatternError::BadCharacter(_))
+        ));
     }
 }

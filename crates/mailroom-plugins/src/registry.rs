@@ -39,13 +39,22 @@ pub enum PluginError {
 }
 
 /// Builds the chain for one listener. `path` is the field path of the list (`listeners[0].plugins`).
-pub fn build_chain(specs: &[PluginSpec], path: &str, ctx: &BuildContext) -> Result<PluginChain, PluginError> {
+pub fn build_chain(
+    specs: &[PluginSpec],
+    path: &str,
+    ctx: &BuildContext,
+) -> Result<PluginChain, PluginError> {
     let mut plugins: Vec<Arc<dyn Plugin>> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let entry = format!("{path}[{i}]");
         match (&spec.access, &spec.headers) {
-            (Some(access), None) => plugins.push(Arc::new(AccessPlugin::new(access, &format!("{entry}.access"))?)),
-            (None, Some(headers)) => plugins.push(Arc::new(HeadersPlugin::new(headers, &ctx.hostname))),
+            (Some(access), None) => plugins.push(Arc::new(AccessPlugin::new(
+                access,
+                &format!("{entry}.access"),
+            )?)),
+            (None, Some(headers)) => {
+                plugins.push(Arc::new(HeadersPlugin::new(headers, &ctx.hostname)))
+            }
             _ => return Err(PluginError::Kind { path: entry }),
         }
     }

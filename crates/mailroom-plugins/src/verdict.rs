@@ -48,19 +48,39 @@ pub enum Verdict {
 impl Verdict {
     /// A permanent refusal. A code outside 500..=599 is replaced by 550.
     pub fn reject(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Verdict {
-        let code = if (500..600).contains(&code) { code } else { 550 };
-        Verdict::Reject(Reply::new(code, EnhancedCode(5, enhanced.1, enhanced.2), text))
+        let code = if (500..600).contains(&code) {
+            code
+        } else {
+            550
+        };
+        Verdict::Reject(Reply::new(
+            code,
+            EnhancedCode(5, enhanced.1, enhanced.2),
+            text,
+        ))
     }
 
     /// A temporary refusal. A code outside 400..=499 is replaced by 451.
     pub fn tempfail(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Verdict {
-        let code = if (400..500).contains(&code) { code } else { 451 };
-        Verdict::TempFail(Reply::new(code, EnhancedCode(4, enhanced.1, enhanced.2), text))
+        let code = if (400..500).contains(&code) {
+            code
+        } else {
+            451
+        };
+        Verdict::TempFail(Reply::new(
+            code,
+            EnhancedCode(4, enhanced.1, enhanced.2),
+            text,
+        ))
     }
 
     /// Refuse with a reply and close the connection.
     pub fn disconnect(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Verdict {
-        Verdict::Disconnect(Reply::new(code, EnhancedCode(enhanced.0, enhanced.1, enhanced.2), text))
+        Verdict::Disconnect(Reply::new(
+            code,
+            EnhancedCode(enhanced.0, enhanced.1, enhanced.2),
+            text,
+        ))
     }
 
     /// True for `Continue` and `Accept`.

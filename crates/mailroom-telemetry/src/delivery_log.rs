@@ -38,22 +38,34 @@ impl DeliveryLog {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|source| DeliveryLogError { path: p.display().to_string(), source })?,
+                    .map_err(|source| DeliveryLogError {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
             ),
         };
-        Ok(DeliveryLog { out: Arc::new(Mutex::new(out)) })
+        Ok(DeliveryLog {
+            out: Arc::new(Mutex::new(out)),
+        })
     }
 
     /// A log that discards everything (tests, benchmarks).
     pub fn discard() -> Self {
-        DeliveryLog { out: Arc::new(Mutex::new(Box::new(std::io::sink()))) }
+        DeliveryLog {
+            out: Arc::new(Mutex::new(Box::new(std::io::sink()))),
+        }
     }
 
     /// Writes one event. `fields` must be a JSON object; `event` and `ts` (RFC 3339) are added.
     /// A failed write is reported in the process log, never to the SMTP client.
     pub fn record(&self, event: &str, mut fields: serde_json::Map<String, serde_json::Value>) {
         fields.insert("event".into(), event.into());
-        fields.insert("ts".into(), chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into());
+        fields.insert(
+            "ts".into(),
+            chrono::Utc::now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                .into(),
+        );
         let mut line = serde_json::Value::Object(fields).to_string();
         line.push('\n');
         let Ok(mut out) = self.out.lock() else {

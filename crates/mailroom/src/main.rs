@@ -46,10 +46,15 @@ enum Command {
 }
 
 /// Loads the config file, or the embedded default.
-pub(crate) fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<mailroom_config::Config> {
+pub(crate) fn load_config(
+    path: Option<&std::path::Path>,
+) -> anyhow::Result<mailroom_config::Config> {
     let loaded = match path {
         Some(p) => mailroom_config::load_file(p),
-        None => mailroom_config::load_str(mailroom_config::DEFAULT_CONFIG, "embedded default config (config/mailroom.yaml)"),
+        None => mailroom_config::load_str(
+            mailroom_config::DEFAULT_CONFIG,
+            "embedded default config (config/mailroom.yaml)",
+        ),
     };
     loaded.map_err(|e| anyhow::anyhow!("{e}"))
 }
@@ -59,7 +64,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve::run(config.as_deref()),
         Command::Check { config } => serve::check(config.as_deref()),
-        Command::Queue { config, spool, action } => queue_cmd::run(config.as_deref(), spool, action),
+        Command::Queue {
+            config,
+            spool,
+            action,
+        } => queue_cmd::run(config.as_deref(), spool, action),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

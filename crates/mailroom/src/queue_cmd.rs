@@ -35,15 +35,26 @@ fn millis_to_rfc3339(ms: u64) -> String {
 }
 
 /// Runs a queue subcommand.
-pub fn run(config: Option<&std::path::Path>, spool: Option<PathBuf>, action: QueueAction) -> anyhow::Result<()> {
+pub fn run(
+    config: Option<&std::path::Path>,
+    spool: Option<PathBuf>,
+    action: QueueAction,
+) -> anyhow::Result<()> {
     let spool = match spool {
         Some(s) => s,
         None => {
             let c = load_config(config)?;
-            PathBuf::from(c.queue.local.context("queue.local: no local spool configured; pass --spool")?.path)
+            PathBuf::from(
+                c.queue
+                    .local
+                    .context("queue.local: no local spool configured; pass --spool")?
+                    .path,
+            )
         }
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let q = LocalQueue::open_read_only(&spool)
             .await
@@ -74,8 +85,13 @@ pub fn run(config: Option<&std::path::Path>, spool: Option<PathBuf>, action: Que
                 }
             }
             QueueAction::Show { id } => {
-                let qid: QueueId = id.parse().map_err(|_| anyhow::anyhow!("{id:?} is not a queue id (a ULID)"))?;
-                let m = q.get(qid).await?.with_context(|| format!("no message {id} in {}", spool.display()))?;
+                let qid: QueueId = id
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("{id:?} is not a queue id (a ULID)"))?;
+                let m = q
+                    .get(qid)
+                    .await?
+                    .with_context(|| format!("no message {id} in {}", spool.display()))?;
                 println!("{}", serde_json::to_string_pretty(&m.envelope)?);
                 println!();
                 print!("{}", String::from_utf8_lossy(&m.body));

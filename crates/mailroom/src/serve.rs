@@ -32,14 +32,18 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for (i, l) in config.listeners.iter().enumerate() {
         let hostname = config.listener_hostname(l);
-        if let Err(e) = mailroom_inbound::ListenerContext::check(l, &format!("listeners[{i}]"), &hostname) {
+        if let Err(e) =
+            mailroom_inbound::ListenerContext::check(l, &format!("listeners[{i}]"), &hostname)
+        {
             problems.push(e.to_string());
         }
     }
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("\n"));
     }
-    let origin = path.map(|p| p.display().to_string()).unwrap_or_else(|| "embedded default config".into());
+    let origin = path
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "embedded default config".into());
     println!("{origin}: ok ({} listener(s))", config.listeners.len());
     Ok(())
 }
@@ -53,15 +57,27 @@ pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
     };
     init_tracing(&config.log.level, format);
     raise_nofile();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
     runtime.block_on(serve(config))
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let local = config.queue.local.clone().context("queue.local: the embedded queue needs a local spool")?;
-    let queue = LocalQueue::open(&local.path, LocalOptions { max_batch: local.max_batch as usize })
-        .await
-        .with_context(|| format!("queue.local.path {}: cannot open the spool", local.path))?;
+    let local = config
+        .queue
+        .local
+        .clone()
+        .context("queue.local: the embedded queue needs a local spool")?;
+    let queue = LocalQueue::open(
+        &local.path,
+        LocalOptions {
+            max_batch: local.max_batch as usize,
+        },
+    )
+    .await
+    .with_context(|| format!("queue.local.path {}: cannot open the spool", local.path))?;
     let queue: Arc<dyn Queue> = Arc::new(queue);
     let delivery_log = DeliveryLog::open(config.log.delivery_log.as_deref().map(Path::new))?;
     let deps = InboundDeps {
@@ -98,13 +114,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(address = %bound, "http endpoints /metrics /healthz /readyz");
 
     let shutdown = Shutdown::default();
-    let tasks: Vec<_> = listeners.into_iter().map(|l| tokio::spawn(l.run(shutdown.clone()))).collect();
+    let tasks: Vec<_> = listeners
+        .into_iter()
+        .map(|l| tokio::spawn(l.run(shutdown.clone())))
+        .collect();
     ready.store(true, Ordering::Release);
     tracing::info!(spool = %local.path, "mailroom serve ready");
 
     wait_for_signal().await;
     ready.store(false, Ordering::Release);
-    tracing::info!(grace_secs = grace.as_secs(), "shutting down: no new connections; open transactions may finish");
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections; open transactions may finish"
+    );
     shutdown.stop.cancel();
     let abort = shutdown.abort.clone();
     tokio::spawn(async move {

@@ -19,7 +19,11 @@ enum Step {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Sends a 334 challenge and reads the client's base64 answer.
     async fn challenge(&mut self, prompt: &str) -> Step {
-        self.send_ok(Reply { code: 334, enhanced: None, lines: vec![prompt.to_string()] });
+        self.send_ok(Reply {
+            code: 334,
+            enhanced: None,
+            lines: vec![prompt.to_string()],
+        });
         match self.next_line(self.ctx.timeouts.command).await {
             Input::Closed(why) => Step::Closed(why),
             Input::Line(l) => decode(&l),
@@ -29,7 +33,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(crate) async fn auth(&mut self, mechanism: String, initial: Option<String>) -> Flow {
         if !self.info.tls {
             // RFC 4954 §4 / §6: 538 when the mechanism needs encryption.
-            self.send(reply(538, (5, 7, 11), "Encryption required for requested authentication mechanism"));
+            self.send(reply(
+                538,
+                (5, 7, 11),
+                "Encryption required for requested authentication mechanism",
+            ));
             return Flow::Continue;
         }
         let Some(users) = self.ctx.users.clone() else {
@@ -41,7 +49,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Flow::Continue;
         }
         if self.tx.is_some() {
-            self.send(reply(503, (5, 5, 1), "AUTH not allowed during a mail transaction"));
+            self.send(reply(
+                503,
+                (5, 5, 1),
+                "AUTH not allowed during a mail transaction",
+            ));
             return Flow::Continue;
         }
         if !self.ctx.auth_mechanisms.contains(&mechanism.as_str()) {
@@ -61,7 +73,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.info.auth_user = Some(user);
             self.send_ok(reply(235, (2, 7, 0), "Authentication successful"));
         } else {
-            metrics::PROTOCOL_ERRORS.with_label_values(&[&self.ctx.name, "auth_failed"]).inc();
+            metrics::PROTOCOL_ERRORS
+                .with_label_values(&[&self.ctx.name, "auth_failed"])
+                .inc();
             tracing::warn!(listener = %self.ctx.name, user = %user, client = %self.info.client_ip(), "authentication failed");
             self.send(reply(535, (5, 7, 8), "Authentication credentials invalid"));
         }
@@ -88,11 +102,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(i) => decode(i.as_bytes()),
             None => self.challenge("").await,
         };
-        let Step::Value(text) = step else { return Err(self.step_failed(step)) };
+        let Step::Value(text) = step else {
+            return Err(self.step_failed(step));
+        };
         // authzid NUL authcid NUL passwd (RFC 4616 §2).
         let mut parts = text.split('\0');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(authz), Some(user), Some(pass), None) if !user.is_empty() && (authz.is_empty() || authz == user) => {
+            (Some(authz), Some(user), Some(pass), None)
+                if !user.is_empty() && (authz.is_empty() || authz == user) =>
+            {
                 Ok((user.to_string(), pass.to_string()))
             }
             _ => Err(self.step_failed(Step::Invalid)),
@@ -104,9 +122,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(i) => decode(i.as_bytes()),
             None => self.challenge("VXNlcm5hbWU6").await,
         };
-        let Step::Value(user) = step else { return Err(self.step_failed(step)) };
+        let Step::Value(user) = step else {
+            return Err(self.step_failed(step));
+        };
         let step = self.challenge("UGFzc3dvcmQ6").await;
-        let Step::Value(password) = step else { return Err(self.step_failed(step)) };
+        let Step::Value(password) = step else {
+            return Err(self.step_failed(step));
+        };
         Ok((user, password))
     }
 }
@@ -115,7 +137,11 @@ fn decode(line: &[u8]) -> Step {
     if line == b"*" {
         return Step::Cancelled;
     }
-    match B64.decode(line).ok().and_then(|b| String::from_utf8(b).ok()) {
+    match B64
+        .decode(line)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+    {
         Some(s) => Step::Value(s),
         None => Step::Invalid,
     }

@@ -31,7 +31,10 @@ fn error_reason(e: &DataError) -> &'static str {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -59,12 +62,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.data_allowed() {
             return Flow::Continue;
         }
-        if self.tx.as_ref().is_some_and(|tx| tx.mail_params.body == Some(Body::BinaryMime)) {
-            self.send(reply(503, (5, 5, 1), "BODY=BINARYMIME requires BDAT (RFC 3030)"));
+        if self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.mail_params.body == Some(Body::BinaryMime))
+        {
+            self.send(reply(
+                503,
+                (5, 5, 1),
+                "BODY=BINARYMIME requires BDAT (RFC 3030)",
+            ));
             return Flow::Continue;
         }
         // RFC 2034 §3: 354 is not a 2xx/4xx/5xx reply and carries no enhanced code.
-        self.send_ok(Reply { code: 354, enhanced: None, lines: vec!["End data with <CR><LF>.<CR><LF>".into()] });
+        self.send_ok(Reply {
+            code: 354,
+            enhanced: None,
+            lines: vec!["End data with <CR><LF>.<CR><LF>".into()],
+        });
         if self.conn.flush().await.is_err() {
             return Flow::Close("io_error");
         }
@@ -75,14 +90,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if receiver.ingest(&mut self.conn.rbuf, &mut body) {
                 break;
             }
-            if let Err(why) = self.read_more(DATA_READ, self.ctx.timeouts.data_block, false).await {
+            if let Err(why) = self
+                .read_more(DATA_READ, self.ctx.timeouts.data_block, false)
+                .await
+            {
                 return Flow::Close(why);
             }
         }
         match receiver.finish() {
             Ok(_) => self.finish_message(body).await,
             Err(e) => {
-                metrics::MESSAGES_REJECTED.with_label_values(&[&self.ctx.name, error_reason(&e)]).inc();
+                metrics::MESSAGES_REJECTED
+                    .with_label_values(&[&self.ctx.name, error_reason(&e)])
+                    .inc();
                 self.reset_transaction();
                 self.send(e.reply());
                 Flow::Continue
@@ -102,9 +122,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut state = match self.bdat.take() {
             Some(s) => s,
             None => {
-                let binary = self.tx.as_ref().is_some_and(|tx| tx.mail_params.body == Some(Body::BinaryMime));
+                let binary = self
+                    .tx
+                    .as_ref()
+                    .is_some_and(|tx| tx.mail_params.body == Some(Body::BinaryMime));
                 let l = &self.ctx.limits;
-                Box::new(BdatState { receiver: BdatReceiver::new(l.max_message_size, l.max_line_length, binary), body: Vec::new() })
+                Box::new(BdatState {
+                    receiver: BdatReceiver::new(l.max_message_size, l.max_line_length, binary),
+                    body: Vec::new(),
+                })
             }
         };
         state.receiver.start_chunk(size);
@@ -112,12 +138,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if state.receiver.ingest(&mut self.conn.rbuf, &mut state.body) {
                 break;
             }
-            if let Err(why) = self.read_more(DATA_READ, self.ctx.timeouts.data_block, false).await {
+            if let Err(why) = self
+                .read_more(DATA_READ, self.ctx.timeouts.data_block, false)
+                .await
+            {
                 return Flow::Close(why);
             }
         }
         if let Err(DataError::TooLarge) = state.receiver.finish() {
-            metrics::MESSAGES_REJECTED.with_label_values(&[&self.ctx.name, "too_large"]).inc();
+            metrics::MESSAGES_REJECTED
+                .with_label_values(&[&self.ctx.name, "too_large"])
+                .inc();
             self.reset_transaction();
             self.send(DataError::TooLarge.reply());
             return Flow::Continue;
@@ -130,7 +161,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match state.receiver.finish() {
             Ok(_) => self.finish_message(state.body).await,
             Err(e) => {
-                metrics::MESSAGES_REJECTED.with_label_values(&[&self.ctx.name, error_reason(&e)]).inc();
+                metrics::MESSAGES_REJECTED
+                    .with_label_values(&[&self.ctx.name, error_reason(&e)])
+                    .inc();
                 self.reset_transaction();
                 self.send(e.reply());
                 Flow::Continue
@@ -147,7 +180,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if n == 0 {
                 return Ok(());
             }
-            self.read_more(DATA_READ, self.ctx.timeouts.data_block, false).await?;
+            self.read_more(DATA_READ, self.ctx.timeouts.data_block, false)
+                .await?;
         }
     }
 
@@ -161,14 +195,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.messages += 1;
         let name = self.ctx.name.clone();
         let mut edits = MessageEdits::default();
-        match self.ctx.plugins.data(&self.info, &tx, &body, &mut edits).await {
+        match self
+            .ctx
+            .plugins
+            .data(&self.info, &tx, &body, &mut edits)
+            .await
+        {
             Verdict::Reject(r) | Verdict::TempFail(r) => {
-                metrics::MESSAGES_REJECTED.with_label_values(&[&name, "plugin"]).inc();
+                metrics::MESSAGES_REJECTED
+                    .with_label_values(&[&name, "plugin"])
+                    .inc();
                 self.send(r);
                 return Flow::Continue;
             }
             Verdict::Disconnect(r) => {
-                metrics::MESSAGES_REJECTED.with_label_values(&[&name, "plugin"]).inc();
+                metrics::MESSAGES_REJECTED
+                    .with_label_values(&[&name, "plugin"])
+                    .inc();
                 self.send(r);
                 return Flow::Close("plugin");
             }
@@ -188,10 +231,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .iter()
             .map(|(to, p)| {
                 let (address, domain) = match to {
-                    ForwardPath::Postmaster => (format!("postmaster@{}", self.ctx.hostname), self.ctx.hostname.to_ascii_lowercase()),
-                    ForwardPath::Mailbox(m) => (m.to_string(), m.domain.trim_end_matches('.').to_lowercase()),
+                    ForwardPath::Postmaster => (
+                        format!("postmaster@{}", self.ctx.hostname),
+                        self.ctx.hostname.to_ascii_lowercase(),
+                    ),
+                    ForwardPath::Mailbox(m) => {
+                        (m.to_string(), m.domain.trim_end_matches('.').to_lowercase())
+                    }
                 };
-                Recipient { address, domain, notify: p.notify, orcpt: p.orcpt.clone() }
+                Recipient {
+                    address,
+                    domain,
+                    notify: p.notify,
+                    orcpt: p.orcpt.clone(),
+                }
             })
             .collect();
         let size = message.len() as u64;
@@ -213,8 +266,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let log_fields = reception_fields(&envelope, size, self.info.tls);
         let timer = metrics::ENQUEUE_SECONDS.start_timer();
-        let stored = StoredMessage { envelope, body: message.into() };
-        let outcome = tokio::time::timeout(self.ctx.timeouts.data_termination, self.ctx.queue.enqueue(stored)).await;
+        let stored = StoredMessage {
+            envelope,
+            body: message.into(),
+        };
+        let outcome = tokio::time::timeout(
+            self.ctx.timeouts.data_termination,
+            self.ctx.queue.enqueue(stored),
+        )
+        .await;
         timer.observe_duration();
         match outcome {
             Ok(Ok(())) => {
@@ -225,27 +285,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Ok(Err(e)) => {
                 tracing::error!(listener = %name, queue_id = %id_text, error = %e, "enqueue failed; answered 451");
-                metrics::MESSAGES_REJECTED.with_label_values(&[&name, "queue_error"]).inc();
-                self.send_ok(reply(451, (4, 3, 0), "Queue temporarily unavailable; try again later"));
+                metrics::MESSAGES_REJECTED
+                    .with_label_values(&[&name, "queue_error"])
+                    .inc();
+                self.send_ok(reply(
+                    451,
+                    (4, 3, 0),
+                    "Queue temporarily unavailable; try again later",
+                ));
             }
             Err(_) => {
                 tracing::error!(listener = %name, queue_id = %id_text, "enqueue timed out; answered 451");
-                metrics::MESSAGES_REJECTED.with_label_values(&[&name, "queue_error"]).inc();
-                self.send_ok(reply(451, (4, 3, 0), "Queue did not answer in time; try again later"));
+                metrics::MESSAGES_REJECTED
+                    .with_label_values(&[&name, "queue_error"])
+                    .inc();
+                self.send_ok(reply(
+                    451,
+                    (4, 3, 0),
+                    "Queue did not answer in time; try again later",
+                ));
             }
         }
         Flow::Continue
     }
 }
 
-fn reception_fields(e: &Envelope, size: u64, tls: bool) -> serde_json::Map<String, serde_json::Value> {
+fn reception_fields(
+    e: &Envelope,
+    size: u64,
+    tls: bool,
+) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
     m.insert("queue_id".into(), e.id.to_string().into());
     m.insert("message_id".into(), e.message_id.clone().into());
     m.insert("sender".into(), e.sender.clone().into());
-    m.insert("recipients".into(), e.recipients.iter().map(|r| serde_json::Value::from(r.address.clone())).collect());
+    m.insert(
+        "recipients".into(),
+        e.recipients
+            .iter()
+            .map(|r| serde_json::Value::from(r.address.clone()))
+            .collect(),
+    );
     m.insert("listener".into(), e.listener.clone().into());
-    m.insert("client_ip".into(), e.client_ip.map(|ip| ip.to_string()).into());
+    m.insert(
+        "client_ip".into(),
+        e.client_ip.map(|ip| ip.to_string()).into(),
+    );
     m.insert("helo".into(), e.helo.clone().into());
     m.insert("auth_user".into(), e.auth_user.clone().into());
     m.insert("size".into(), size.into());

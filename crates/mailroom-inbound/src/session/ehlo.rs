@@ -27,7 +27,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let greeting = format!("{} Hello {} [{}]", self.ctx.hostname, domain, client_ip);
         if !esmtp {
             // RFC 2034 §3: no enhanced code on HELO/EHLO replies.
-            self.send_ok(Reply { code: 250, enhanced: None, lines: vec![greeting] });
+            self.send_ok(Reply {
+                code: 250,
+                enhanced: None,
+                lines: vec![greeting],
+            });
             return Flow::Continue;
         }
         let mut lines = vec![
@@ -48,7 +52,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             lines.push(format!("AUTH {}", self.ctx.auth_mechanisms.join(" ")));
         }
         lines.push("HELP".to_string());
-        self.send_ok(Reply { code: 250, enhanced: None, lines });
+        self.send_ok(Reply {
+            code: 250,
+            enhanced: None,
+            lines,
+        });
         Flow::Continue
     }
 }

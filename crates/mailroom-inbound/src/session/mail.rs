@@ -25,18 +25,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Flow::Continue;
         }
         if self.messages >= self.ctx.limits.max_messages_per_connection {
-            self.send_ok(reply(421, (4, 7, 0), format!("{} Too many messages on one connection; reconnect", self.ctx.hostname)));
+            self.send_ok(reply(
+                421,
+                (4, 7, 0),
+                format!(
+                    "{} Too many messages on one connection; reconnect",
+                    self.ctx.hostname
+                ),
+            ));
             return Flow::Close("message_limit");
         }
         if let Some(size) = params.size {
             if size > self.ctx.limits.max_message_size {
-                self.send(reply(552, (5, 3, 4), "Message size exceeds fixed maximum message size"));
+                self.send(reply(
+                    552,
+                    (5, 3, 4),
+                    "Message size exceeds fixed maximum message size",
+                ));
                 return Flow::Continue;
             }
         }
         if let ReversePath::Mailbox(m) = &from {
             if !params.smtputf8 && !m.is_ascii() {
-                self.send(reply(553, (5, 6, 7), "Non-ASCII address requires the SMTPUTF8 parameter"));
+                self.send(reply(
+                    553,
+                    (5, 6, 7),
+                    "Non-ASCII address requires the SMTPUTF8 parameter",
+                ));
                 return Flow::Continue;
             }
         }
@@ -61,7 +76,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.send(reply(503, (5, 5, 1), "Need MAIL command first"));
             return Flow::Continue;
         };
-        let reject = |reason: &str| metrics::RECIPIENTS_REJECTED.with_label_values(&[&self.ctx.name, reason]).inc();
+        let reject = |reason: &str| {
+            metrics::RECIPIENTS_REJECTED
+                .with_label_values(&[&self.ctx.name, reason])
+                .inc()
+        };
         if tx.recipients.len() >= self.ctx.limits.max_recipients {
             reject("too_many");
             // RFC 5321 §4.5.3.1.10: 452 for too many recipients.
@@ -71,14 +90,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if let ForwardPath::Mailbox(m) = &to {
             if !tx.mail_params.smtputf8 && !m.is_ascii() {
                 reject("smtputf8");
-                self.send(reply(553, (5, 6, 7), "Non-ASCII address requires the SMTPUTF8 parameter"));
+                self.send(reply(
+                    553,
+                    (5, 6, 7),
+                    "Non-ASCII address requires the SMTPUTF8 parameter",
+                ));
                 return Flow::Continue;
             }
             let local_domain = !m.domain.starts_with('[') && self.ctx.accepts_domain(&m.domain);
             let authenticated = self.info.auth_user.is_some();
             if !local_domain && !self.ctx.may_relay(self.info.client_ip(), authenticated) {
                 reject("relay_denied");
-                self.send(reply(550, (5, 7, 1), format!("<{}@{}>: Relay access denied", m.local, m.domain)));
+                self.send(reply(
+                    550,
+                    (5, 7, 1),
+                    format!("<{}@{}>: Relay access denied", m.local, m.domain),
+                ));
                 return Flow::Continue;
             }
         }

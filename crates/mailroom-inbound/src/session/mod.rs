@@ -68,7 +68,12 @@ pub(crate) fn reply(code: u16, e: (u8, u16, u16), text: impl Into<String>) -> Re
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// A new session. `info.tls` says whether `stream` is already encrypted.
-    pub fn new(stream: S, ctx: Arc<ListenerContext>, info: SessionInfo, shutdown: Shutdown) -> Self {
+    pub fn new(
+        stream: S,
+        ctx: Arc<ListenerContext>,
+        info: SessionInfo,
+        shutdown: Shutdown,
+    ) -> Self {
         let lines = LineReader::new(ctx.limits.max_command_length);
         let deadline = Instant::now() + ctx.timeouts.session;
         Session {
@@ -110,7 +115,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match self.ctx.plugins.connect(&self.info).await {
                 Verdict::Reject(r) | Verdict::TempFail(r) => {
                     // RFC 5321 §3.1: a 554 greeting; then only QUIT is honoured.
-                    metrics::CONNECTIONS.with_label_values(&[&self.ctx.name, "plugin_reject"]).inc();
+                    metrics::CONNECTIONS
+                        .with_label_values(&[&self.ctx.name, "plugin_reject"])
+                        .inc();
                     self.send_ok(r);
                     self.refused = true;
                 }
@@ -120,7 +127,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Ended::Closed("plugin");
                 }
                 Verdict::Continue | Verdict::Accept => {
-                    let banner = Reply { code: 220, enhanced: None, lines: vec![format!("{} ESMTP Mailroom", self.ctx.hostname)] };
+                    let banner = Reply {
+                        code: 220,
+                        enhanced: None,
+                        lines: vec![format!("{} ESMTP Mailroom", self.ctx.hostname)],
+                    };
                     self.send_ok(banner);
                 }
             }
@@ -142,12 +153,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
             if self.errors > self.ctx.limits.max_errors {
-                self.send_ok(reply(421, (4, 7, 0), format!("{} Too many errors, closing connection", self.ctx.hostname)));
+                self.send_ok(reply(
+                    421,
+                    (4, 7, 0),
+                    format!("{} Too many errors, closing connection", self.ctx.hostname),
+                ));
                 break "too_many_errors";
             }
         };
         let _ = self.conn.flush().await;
-        metrics::SESSIONS_CLOSED.with_label_values(&[&self.ctx.name, end]).inc();
+        metrics::SESSIONS_CLOSED
+            .with_label_values(&[&self.ctx.name, end])
+            .inc();
         Ended::Closed(end)
     }
 
@@ -160,13 +177,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(line) => return Input::Line(line),
                     Err(e) => {
                         let (kind, r) = match e {
-                            LineError::TooLong => ("line_too_long", reply(500, (5, 5, 2), "Line too long")),
-                            LineError::BareLf => ("bare_lf", reply(500, (5, 5, 2), "Bare LF in command line; use CRLF")),
+                            LineError::TooLong => {
+                                ("line_too_long", reply(500, (5, 5, 2), "Line too long"))
+                            }
+                            LineError::BareLf => (
+                                "bare_lf",
+                                reply(500, (5, 5, 2), "Bare LF in command line; use CRLF"),
+                            ),
                         };
-                        metrics::PROTOCOL_ERRORS.with_label_values(&[&self.ctx.name, kind]).inc();
+                        metrics::PROTOCOL_ERRORS
+                            .with_label_values(&[&self.ctx.name, kind])
+                            .inc();
                         self.send(r);
                         if self.errors > self.ctx.limits.max_errors {
-                            self.send_ok(reply(421, (4, 7, 0), format!("{} Too many errors, closing connection", self.ctx.hostname)));
+                            self.send_ok(reply(
+                                421,
+                                (4, 7, 0),
+                                format!(
+                                    "{} Too many errors, closing connection",
+                                    self.ctx.hostname
+                                ),
+                            ));
                             return Input::Closed("too_many_errors");
                         }
                         continue;
@@ -176,7 +207,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if let Err(_e) = self.conn.flush().await {
                 return Input::Closed("io_error");
             }
-            match self.read_more(COMMAND_READ, timeout, !self.in_transaction()).await {
+            match self
+                .read_more(COMMAND_READ, timeout, !self.in_transaction())
+                .await
+            {
                 Ok(()) => {}
                 Err(why) => return Input::Closed(why),
             }
@@ -186,7 +220,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Reads more bytes into the buffer with a timeout. `idle` marks a wait between
     /// transactions, which a graceful shutdown may interrupt; inside a transaction only the
     /// hard abort does.
-    pub(crate) async fn read_more(&mut self, chunk: usize, timeout: Duration, idle: bool) -> Result<(), &'static str> {
+    pub(crate) async fn read_more(
+        &mut self,
+        chunk: usize,
+        timeout: Duration,
+        idle: bool,
+    ) -> Result<(), &'static str> {
         let until = (Instant::now() + timeout).min(self.deadline);
         let stop = self.shutdown.stop.clone();
         let abort = self.shutdown.abort.clone();
@@ -217,7 +256,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let cmd = match parse_command(line) {
             Ok(c) => c,
             Err(e) => {
-                metrics::PROTOCOL_ERRORS.with_label_values(&[&self.ctx.name, "syntax"]).inc();
+                metrics::PROTOCOL_ERRORS
+                    .with_label_values(&[&self.ctx.name, "syntax"])
+                    .inc();
                 self.send(e.reply());
                 return Flow::Continue;
             }
@@ -229,7 +270,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Flow::Close(why);
                 }
             }
-            self.send(reply(503, (5, 7, 1), "Connection refused by policy; only QUIT is accepted"));
+            self.send(reply(
+                503,
+                (5, 7, 1),
+                "Connection refused by policy; only QUIT is accepted",
+            ));
             return Flow::Continue;
         }
         match cmd {
@@ -254,7 +299,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Command::Vrfy { .. } => {
                 // RFC 5321 §3.5.3: VRFY disabled, but the address may still be tried.
-                self.send_ok(reply(252, (2, 5, 0), "Cannot VRFY user, but will accept message and attempt delivery"));
+                self.send_ok(reply(
+                    252,
+                    (2, 5, 0),
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                ));
                 Flow::Continue
             }
             Command::Expn { .. } => {
@@ -270,7 +319,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Flow::Continue
             }
             Command::StartTls => self.starttls(),
-            Command::Auth { mechanism, initial_response } => self.auth(mechanism, initial_response).await,
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response).await,
         }
     }
 
@@ -284,7 +336,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return Flow::Continue;
         }
         if self.in_transaction() {
-            self.send(reply(503, (5, 5, 1), "STARTTLS not allowed during a mail transaction"));
+            self.send(reply(
+                503,
+                (5, 5, 1),
+                "STARTTLS not allowed during a mail transaction",
+            ));
             return Flow::Continue;
         }
         self.send_ok(reply(220, (2, 0, 0), "Ready to start TLS"));

@@ -36,7 +36,9 @@ impl TestServer {
     pub async fn start(spec: ListenerSpec) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let queue = Arc::new(
-            LocalQueue::open(dir.path().join("spool"), LocalOptions { max_batch: 64 }).await.expect("open spool"),
+            LocalQueue::open(dir.path().join("spool"), LocalOptions { max_batch: 64 })
+                .await
+                .expect("open spool"),
         );
         let deps = InboundDeps {
             queue: Arc::clone(&queue) as Arc<dyn Queue>,
@@ -44,11 +46,19 @@ impl TestServer {
             hostname: "mx.test".into(),
             policy: "default".into(),
         };
-        let listener = Listener::bind(&spec, "listeners[0]", &deps).await.expect("bind");
+        let listener = Listener::bind(&spec, "listeners[0]", &deps)
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let shutdown = Shutdown::default();
         let task = tokio::spawn(listener.run(shutdown.clone()));
-        TestServer { addr, queue, shutdown, task, dir }
+        TestServer {
+            addr,
+            queue,
+            shutdown,
+            task,
+            dir,
+        }
     }
 
     pub async fn connect(&self) -> Client<TcpStream> {
@@ -78,7 +88,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub fn new(stream: S) -> Self {
-        Client { stream, buf: Vec::new() }
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {
@@ -111,7 +124,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 return Some(String::from_utf8_lossy(&line[..pos]).into_owned());
             }
             let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk)).await.expect("reply timed out").ok()?;
+            let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+                .await
+                .expect("reply timed out")
+                .ok()?;
             if n == 0 {
                 return None;
             }
@@ -121,7 +137,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// Reads a reply and asserts it starts with `prefix`; returns it.
     pub async fn expect(&mut self, prefix: &str) -> String {
-        let r = self.reply().await.unwrap_or_else(|| panic!("connection closed, expected {prefix:?}"));
+        let r = self
+            .reply()
+            .await
+            .unwrap_or_else(|| panic!("connection closed, expected {prefix:?}"));
         assert!(r.starts_with(prefix), "expected {prefix:?}, got {r:?}");
         r
     }
@@ -148,7 +167,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     pub async fn start_data(&mut self, rcpt: &str) {
         self.line("EHLO client.test").await;
         self.expect("250").await;
-        self.cmd("MAIL FROM:<sender@client.test>", "250 2.1.0").await;
+        self.cmd("MAIL FROM:<sender@client.test>", "250 2.1.0")
+            .await;
         self.cmd(&format!("RCPT TO:<{rcpt}>"), "250 2.1.5").await;
         self.cmd("DATA", "354").await;
     }

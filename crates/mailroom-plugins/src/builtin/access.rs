@@ -23,7 +23,10 @@ fn patterns(list: &[String], path: &str) -> Result<Vec<AddressPattern>, PluginEr
     list.iter()
         .enumerate()
         .map(|(i, p)| {
-            AddressPattern::parse(p).map_err(|source| PluginError::Pattern { path: format!("{path}[{i}]"), source })
+            AddressPattern::parse(p).map_err(|source| PluginError::Pattern {
+                path: format!("{path}[{i}]"),
+                source,
+            })
         })
         .collect()
 }
@@ -69,7 +72,9 @@ impl Plugin for AccessPlugin {
     }
 
     async fn mail(&self, s: &SessionInfo, from: &ReversePath, _params: &MailParams) -> Verdict {
-        let ReversePath::Mailbox(m) = from else { return Verdict::Continue };
+        let ReversePath::Mailbox(m) = from else {
+            return Verdict::Continue;
+        };
         let addr = format!("{}@{}", m.local, m.domain);
         if self.client_allowed(s) || self.allow_senders.iter().any(|p| p.matches(&addr)) {
             return Verdict::Continue;
@@ -80,8 +85,16 @@ impl Plugin for AccessPlugin {
         Verdict::Continue
     }
 
-    async fn rcpt(&self, s: &SessionInfo, _tx: &Transaction, to: &ForwardPath, _params: &RcptParams) -> Verdict {
-        let ForwardPath::Mailbox(m) = to else { return Verdict::Continue };
+    async fn rcpt(
+        &self,
+        s: &SessionInfo,
+        _tx: &Transaction,
+        to: &ForwardPath,
+        _params: &RcptParams,
+    ) -> Verdict {
+        let ForwardPath::Mailbox(m) = to else {
+            return Verdict::Continue;
+        };
         let addr = format!("{}@{}", m.local, m.domain);
         if !self.client_allowed(s) && self.deny_recipients.iter().any(|p| p.matches(&addr)) {
             return Verdict::reject(550, (5, 7, 1), format!("Recipient <{addr}> is not allowed"));

@@ -17,7 +17,11 @@ pub struct HeadersPlugin {
 impl HeadersPlugin {
     /// Builds the plugin; `hostname` is the right-hand side of generated Message-IDs.
     pub fn new(spec: &HeadersPluginSpec, hostname: &str) -> Self {
-        HeadersPlugin { add_message_id: spec.add_message_id, add_date: spec.add_date, hostname: hostname.to_string() }
+        HeadersPlugin {
+            add_message_id: spec.add_message_id,
+            add_date: spec.add_date,
+            hostname: hostname.to_string(),
+        }
     }
 }
 
@@ -43,8 +47,15 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
             (None, false) => {}
         }
         if let Some(colon) = line.iter().position(|&b| b == b':') {
-            if line[..colon].trim_ascii_end().eq_ignore_ascii_case(name.as_bytes()) {
-                found = Some(String::from_utf8_lossy(&line[colon + 1..]).trim().to_string());
+            if line[..colon]
+                .trim_ascii_end()
+                .eq_ignore_ascii_case(name.as_bytes())
+            {
+                found = Some(
+                    String::from_utf8_lossy(&line[colon + 1..])
+                        .trim()
+                        .to_string(),
+                );
             }
         }
     }
@@ -62,7 +73,13 @@ impl Plugin for HeadersPlugin {
         "headers"
     }
 
-    async fn data(&self, s: &SessionInfo, _tx: &Transaction, body: &[u8], edits: &mut MessageEdits) -> Verdict {
+    async fn data(
+        &self,
+        s: &SessionInfo,
+        _tx: &Transaction,
+        body: &[u8],
+        edits: &mut MessageEdits,
+    ) -> Verdict {
         if !(s.submission || s.auth_user.is_some()) {
             return Verdict::Continue;
         }
@@ -70,7 +87,10 @@ impl Plugin for HeadersPlugin {
             edits.add_header("Date", chrono::Utc::now().to_rfc2822());
         }
         if self.add_message_id && !has_header(body, "Message-ID") {
-            edits.add_header("Message-ID", format!("<{}@{}>", ulid::Ulid::new(), self.hostname));
+            edits.add_header(
+                "Message-ID",
+                format!("<{}@{}>", ulid::Ulid::new(), self.hostname),
+            );
         }
         Verdict::Continue
     }

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs, idempotently: fast when everything is already there.
+# Debian packages: swaks (SMTP client), postfix (for smtp-source / smtp-sink), openssl.
+# PyPI: pytest, bcrypt (tests/python/requirements.txt). crates.io: cargo-fuzz.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '== %s\n' "$*"; }
+
+missing=()
+command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # postfix asks debconf questions; answer them so the install never waits for input.
+  echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections 2>/dev/null || true
+  echo "postfix postfix/mailname string mailroom-ci.invalid" | debconf-set-selections 2>/dev/null || true
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import pytest, bcrypt' >/dev/null 2>&1; then
+  say "installing Python test packages"
+  python3 -m pip install -q -r tests/python/requirements.txt
+fi
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  say "installing cargo-fuzz"
+  cargo install -q cargo-fuzz --locked
+fi
+say "test dependencies ready"
