@@ -33,11 +33,18 @@ fn feed(chunks: &[&[u8]], max_size: u64, max_line: usize, binary: bool, piece: u
         assert!(done);
         assert_eq!(&buf[..], b"RSET\r\n");
         buf.clear();
-        assert!(body.len() as u64 <= max_size, "stored body exceeds max_size");
+        assert!(
+            body.len() as u64 <= max_size,
+            "stored body exceeds max_size"
+        );
         // Usable between chunks.
         let _ = rx.finish();
     }
-    Outcome { body, result: rx.finish(), total: rx.total() }
+    Outcome {
+        body,
+        result: rx.finish(),
+        total: rx.total(),
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -57,8 +64,16 @@ fuzz_target!(|data: &[u8]| {
     let whole = feed(&chunks, max_size, max_line, binary, usize::MAX);
     let expected_total: usize = chunks.iter().map(|c| c.len()).sum();
     assert_eq!(whole.total, expected_total as u64);
-    assert_eq!(feed(&chunks, max_size, max_line, binary, 1), whole, "byte by byte");
-    assert_eq!(feed(&chunks, max_size, max_line, binary, 5), whole, "pieces of 5");
+    assert_eq!(
+        feed(&chunks, max_size, max_line, binary, 1),
+        whole,
+        "byte by byte"
+    );
+    assert_eq!(
+        feed(&chunks, max_size, max_line, binary, 5),
+        whole,
+        "pieces of 5"
+    );
     if let Ok(size) = whole.result {
         assert_eq!(size, whole.total);
         assert_eq!(whole.body, chunks.concat());

@@ -44,8 +44,14 @@ fuzz_target!(|data: &[u8]| {
 
 fn check_line(line: &[u8]) {
     match parse_command(line) {
-        Ok(Command::Mail { from: ReversePath::Mailbox(m), .. }) => round_trip(&m),
-        Ok(Command::Rcpt { to: ForwardPath::Mailbox(m), .. }) => round_trip(&m),
+        Ok(Command::Mail {
+            from: ReversePath::Mailbox(m),
+            ..
+        }) => round_trip(&m),
+        Ok(Command::Rcpt {
+            to: ForwardPath::Mailbox(m),
+            ..
+        }) => round_trip(&m),
         Ok(_) => {}
         Err(e) => assert_well_formed(&e.reply().to_bytes()),
     }

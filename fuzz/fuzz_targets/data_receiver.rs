@@ -29,13 +29,21 @@ fn feed(input: &[u8], max_size: u64, max_line: usize, pieces: &[usize]) -> Outco
         buf.extend_from_slice(&input[pos..pos + n]);
         pos += n;
         done = rx.ingest(&mut buf, &mut body);
-        assert!(body.len() as u64 <= max_size, "stored body exceeds max_size");
+        assert!(
+            body.len() as u64 <= max_size,
+            "stored body exceeds max_size"
+        );
         if !done {
             assert!(buf.is_empty());
         }
     }
     buf.extend_from_slice(&input[pos..]);
-    Outcome { done, body, result: rx.finish(), rest: buf.to_vec() }
+    Outcome {
+        done,
+        body,
+        result: rx.finish(),
+        rest: buf.to_vec(),
+    }
 }
 
 fn stuff(body: &[u8]) -> Vec<u8> {
@@ -60,7 +68,11 @@ fuzz_target!(|data: &[u8]| {
 
     let whole = feed(input, max_size, max_line, &[usize::MAX]);
     assert_eq!(feed(input, max_size, max_line, &[1]), whole, "byte by byte");
-    assert_eq!(feed(input, max_size, max_line, &[3, 1, 7, 2, 64]), whole, "pieces");
+    assert_eq!(
+        feed(input, max_size, max_line, &[3, 1, 7, 2, 64]),
+        whole,
+        "pieces"
+    );
 
     if whole.done
         && let Ok(size) = whole.result

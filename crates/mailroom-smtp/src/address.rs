@@ -1,6 +1,6 @@
 //! Mailbox addresses of the envelope (RFC 5321 §4.1.2, SMTPUTF8 RFC 6531 §3.3).
 //!
-//! `command` calls [`parse_path`] for the `<...>` argument of `MAIL FROM` and `RCPT TO`; the
+//! `command` calls `parse_path` for the `<...>` argument of `MAIL FROM` and `RCPT TO`; the
 //! resulting [`ReversePath`] / [`ForwardPath`] travel through the plugin hooks into the queued
 //! envelope and back out to the SMTP client, whose commands are built with the `Display` impls
 //! here. Parsing is syntactic only: UTF-8 local parts and domains are accepted (RFC 6531 §3.3);

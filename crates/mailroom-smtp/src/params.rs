@@ -141,7 +141,11 @@ impl fmt::Display for Notify {
         if self.never {
             return f.write_str("NEVER");
         }
-        let items = [(self.success, "SUCCESS"), (self.failure, "FAILURE"), (self.delay, "DELAY")];
+        let items = [
+            (self.success, "SUCCESS"),
+            (self.failure, "FAILURE"),
+            (self.delay, "DELAY"),
+        ];
         let mut first = true;
         for (_, name) in items.iter().filter(|(on, _)| *on) {
             if !first {
@@ -167,7 +171,12 @@ impl fmt::Display for RcptParams {
             if orcpt.addr_type.eq_ignore_ascii_case("utf-8") {
                 write!(f, " ORCPT={};{}", orcpt.addr_type, orcpt.addr)?;
             } else {
-                write!(f, " ORCPT={};{}", orcpt.addr_type, xtext::encode(&orcpt.addr))?;
+                write!(
+                    f,
+                    " ORCPT={};{}",
+                    orcpt.addr_type,
+                    xtext::encode(&orcpt.addr)
+                )?;
             }
         }
         Ok(())
@@ -394,18 +403,38 @@ mod tests {
             auth: Some("<>".into()),
         };
         let wire = mail.to_string();
-        assert_eq!(wire, " SIZE=12 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=a+2Bb+3Dc+20d AUTH=<>");
-        assert_eq!(parse_mail_params(wire.split(' ').filter(|p| !p.is_empty())), Ok(mail));
+        assert_eq!(
+            wire,
+            " SIZE=12 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=a+2Bb+3Dc+20d AUTH=<>"
+        );
+        assert_eq!(
+            parse_mail_params(wire.split(' ').filter(|p| !p.is_empty())),
+            Ok(mail)
+        );
         assert_eq!(MailParams::default().to_string(), "");
 
         let rcpt = RcptParams {
-            notify: Some(Notify { never: false, success: true, failure: false, delay: true }),
-            orcpt: Some(Orcpt { addr_type: "rfc822".into(), addr: "a+b@c".into() }),
+            notify: Some(Notify {
+                never: false,
+                success: true,
+                failure: false,
+                delay: true,
+            }),
+            orcpt: Some(Orcpt {
+                addr_type: "rfc822".into(),
+                addr: "a+b@c".into(),
+            }),
         };
         let wire = rcpt.to_string();
         assert_eq!(wire, " NOTIFY=SUCCESS,DELAY ORCPT=rfc822;a+2Bb@c");
-        assert_eq!(parse_rcpt_params(wire.split(' ').filter(|p| !p.is_empty())), Ok(rcpt));
-        let never = Notify { never: true, ..Notify::default() };
+        assert_eq!(
+            parse_rcpt_params(wire.split(' ').filter(|p| !p.is_empty())),
+            Ok(rcpt)
+        );
+        let never = Notify {
+            never: true,
+            ..Notify::default()
+        };
         assert_eq!(never.to_string(), "NEVER");
     }
 }

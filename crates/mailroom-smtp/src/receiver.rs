@@ -112,12 +112,17 @@ impl Sink {
 
     /// Appends content octets of the current line (no line terminator among them).
     fn content(&mut self, bytes: &[u8], out: &mut Vec<u8>, flags: &mut Flags) {
-        self.line_len = self.line_len.saturating_add(bytes.len());
+        self.count(bytes.len(), flags);
+        self.store(bytes, out, flags);
+    }
+
+    /// Counts `n` content octets towards the current line's length.
+    fn count(&mut self, n: usize, flags: &mut Flags) {
+        self.line_len = self.line_len.saturating_add(n);
         // The limit includes the CRLF (RFC 5321 §4.5.3.1.6).
         if self.line_len.saturating_add(2) > self.max_line_len {
             flags.long_line = true;
         }
-        self.store(bytes, out, flags);
     }
 
     /// Appends the CRLF ending a line.
@@ -371,13 +376,15 @@ impl BdatReceiver {
         let mut i = 0;
         while i < chunk.len() {
             match self.state {
+                // The CR is already stored (BDAT data is stored as is); only its check waits.
                 BdatState::Cr => {
                     if chunk[i] == b'\n' {
-                        self.sink.crlf(out, &mut self.flags);
+                        self.sink.line_len = 0;
+                        self.sink.store(b"\n", out, &mut self.flags);
                         i += 1;
                     } else {
                         self.flags.bare = true;
-                        self.sink.content(b"\r", out, &mut self.flags);
+                        self.sink.count(1, &mut self.flags);
                     }
                     self.state = BdatState::Text;
                 }
@@ -390,7 +397,10 @@ impl BdatReceiver {
                         continue;
                     }
                     match rest[0] {
-                        b'\r' => self.state = BdatState::Cr,
+                        b'\r' => {
+                            self.sink.store(b"\r", out, &mut self.flags);
+                            self.state = BdatState::Cr;
+                        }
                         b => {
                             if b == b'\n' {
                                 self.flags.bare = true;
@@ -413,8 +423,9 @@ impl BdatReceiver {
 
     /// After the `LAST` chunk: the message size, or why it is refused (precedence as for
     /// [`DataReceiver::finish`]). Also usable between chunks, e.g. to refuse early once the
-    /// message is too large. A CR at the very end of the data received so far is not reported:
-    /// its LF may come with the next chunk.
+    /// message is too large. A CR at the very end of the data received so far is not reported
+    /// (its LF may come with the next chunk), so a body ending in a lone CR, or without a final
+    /// CRLF, is accepted as sent; whoever relays it over DATA must complete the last line.
     pub fn finish(&self) -> Result<u64, DataError> {
         self.flags.result(self.total)
     }
