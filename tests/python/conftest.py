@@ -89,8 +89,12 @@ def to_yaml(value, indent: int = 0) -> str:
                 # put the first line right after "- "
                 first, _, rest = body.partition("\n")
                 out.append(f"{pad}- {first.strip()}\n{rest}")
+            elif isinstance(item, dict):
+                out.append(f"{pad}- {{}}\n")
+            elif isinstance(item, list):
+                out.append(f"{pad}- []\n")
             else:
-                out.append(f"{pad}- {_yaml_scalar(item) if not isinstance(item, (dict, list)) else ('{}' if isinstance(item, dict) else '[]')}\n")
+                out.append(f"{pad}- {_yaml_scalar(item)}\n")
         return "".join(out)
     return pad + _yaml_scalar(value) + "\n"
 
@@ -288,7 +292,9 @@ class MailroomServer:
             l.setdefault("acceptedDomains", [LOCAL_DOMAIN])
             l.setdefault("plugins", default_plugins())
             tls = l.pop("tls", None)
-            if tls:
+            if isinstance(tls, dict):
+                l["tls"] = tls  # explicit TlsSpec
+            elif tls:
                 assert self.tls_files, "tls requested but no certificate generated"
                 l["tls"] = {"certFile": str(self.tls_files["cert"]), "keyFile": str(self.tls_files["key"]),
                             "implicit": tls == "implicit"}
@@ -383,12 +389,14 @@ class MailroomServer:
             tmpl = next(l for l in self.listener_templates if l["name"] == name)
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=max(1.0, deadline - time.monotonic()))
-                if tmpl.get("tls") == "implicit":
+                if tmpl.get("tls") == "implicit" or (isinstance(tmpl.get("tls"), dict) and tmpl["tls"].get("implicit")):
                     # greets only after the TLS handshake (any certificate will do here)
                     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
                     ctx.check_hostname = False
                     ctx.verify_mode = ssl.CERT_NONE
                     sock = ctx.wrap_socket(sock, server_hostname=HOSTNAME)
+                if tmpl.get("proxyProtocol"):
+                    sock.sendall(b"PROXY UNKNOWN\r\n")
                 with RawSMTP(port, sock=sock, timeout=max(1.0, deadline - time.monotonic())) as c:
                     code, lines = c.banner()
                     if code != 220:
@@ -581,10 +589,3 @@ def module_factory(tmp_path_factory, tls_files, users_file):
 def mailroom(mailroom_factory) -> MailroomServer:
     """A running server with one mx listener "smtp" for example.test (defaults otherwise)."""
     return mailroom_factory.make()
-
-
-@pytest.fixture(scope="session")
-def mailroom_bin() -> Path:
-    if not MAILROOM_BIN.exists():
-        pytest.fail(f"mailroom binary not found at {MAILROOM_BIN}")
-    return MAILROOM_BIN

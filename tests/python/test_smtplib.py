@@ -1,5 +1,6 @@
 """Mail reception through Python's smtplib on a plain mx listener."""
 
+import re
 import smtplib
 
 import pytest
@@ -300,17 +301,62 @@ def test_oversized_message_sent_anyway(server):
     assert len(server.queue_list()) == before + 1
 
 
-def test_message_at_size_limit_accepted(server):
-    """The limit is on the message as received (the client's octets): a message a little below
-    the limit is accepted even though our Received: header makes the stored copy bigger."""
-    head = b"Subject: near the limit\r\n\r\n"
-    line = b"z" * 98 + b"\r\n"
-    n = (MAX_SIZE - 200 - len(head)) // len(line)
-    msg = head + line * n
-    assert len(msg) <= MAX_SIZE - 200
-    with smtp(server) as s:
-        refused = s.sendmail("alice@client.example.org", ["bob@example.test"], msg)
-        assert refused == {}
+def sized_message(n: int) -> bytes:
+    head = b"Subject: exactly sized\r\n\r\n"
+    body = head + (b"z" * 98 + b"\r\n") * ((n - len(head)) // 100)
+    body += b"q" * (n - len(body) - 2) + b"\r\n"
+    assert len(body) == n
+    return body
+
+
+@pytest.mark.parametrize("use_bdat", [False, True], ids=["DATA", "BDAT"])
+def test_size_limit_boundary(server, use_bdat):
+    """maxMessageSize limits the message as the client sent it (after dot-unstuffing): exactly
+    the limit is accepted, one octet more is 552 5.3.4; our Received: header does not count."""
+    with RawSMTP(server.port()) as c:
+        c.banner()
+        c.ehlo()
+        for n, expect in [(MAX_SIZE, 250), (MAX_SIZE + 1, 552), (MAX_SIZE, 250)]:
+            msg = sized_message(n)
+            assert c.cmd("MAIL FROM:<alice@client.example.org>")[0] == 250
+            assert c.cmd("RCPT TO:<bob@example.test>")[0] == 250
+            if use_bdat:
+                c.send(b"BDAT %d LAST\r\n" % n + msg)
+            else:
+                assert c.cmd("DATA")[0] == 354
+                c.send(msg + b".\r\n")
+            code, lines = c.reply()
+            assert code == expect, (n, code, lines)
+            if code == 552:
+                assert lines[0].startswith("5.3.4"), lines
+            else:
+                qid = parse_queued_id(lines[0])
+                assert split_received(server.queue_show(qid)[1])[1] == msg
+
+
+@pytest.mark.parametrize("mail, rcpt", [
+    ("MAIL FROM:<usér@client.example.org> SMTPUTF8", "δοκιμή@example.test"),
+    ("MAIL FROM:<alice@client.example.org>", '"we(ird)[x]"@example.test'),
+], ids=["utf8-local-part", "quoted-local-part"])
+def test_received_for_clause_names_the_recipient(server, mail, rcpt):
+    """RFC 5321 4.4: the optional FOR clause is the recipient's Mailbox; if the server cannot
+    write it faithfully it should leave the clause out, not write another address."""
+    with RawSMTP(server.port()) as c:
+        c.banner()
+        c.ehlo()
+        assert c.cmd(mail.encode())[0] == 250
+        assert c.cmd(f"RCPT TO:<{rcpt}>".encode())[0] == 250
+        assert c.cmd("DATA")[0] == 354
+        c.send(b"Subject: for clause\r\n\r\nx\r\n.\r\n")
+        code, lines = c.reply()
+        assert code == 250
+        qid = parse_queued_id(lines[0])
+    env, stored = server.queue_show(qid)
+    assert env["recipients"][0]["address"] == rcpt
+    received = split_received(stored)[0].decode()
+    m = re.search(r"\sfor <([^>]*)>", received)
+    if m:
+        assert m.group(1) == rcpt, received
 
 
 def test_headers_not_added_for_unauthenticated_mx(server):

@@ -32,15 +32,19 @@ pub struct UserDb {
 }
 
 impl UserDb {
-    /// Reads a users file; errors name the file and line.
-    pub fn load(path: &Path, listener: &str) -> Result<Self, InboundError> {
+    /// Reads a users file; errors name the config field (`field`, e.g.
+    /// `listeners[0].auth.usersFile`), the file and the line.
+    pub fn load(path: &Path, listener: &str, field: &str) -> Result<Self, InboundError> {
         let text = std::fs::read_to_string(path).map_err(|e| InboundError::Auth {
             listener: listener.to_string(),
-            reason: format!("{}: cannot read the users file: {e}", path.display()),
+            reason: format!(
+                "{field}: {}: cannot read the users file: {e}",
+                path.display()
+            ),
         })?;
         Self::parse(&text).map_err(|reason| InboundError::Auth {
             listener: listener.to_string(),
-            reason: format!("{}: {reason}", path.display()),
+            reason: format!("{field}: {}: {reason}", path.display()),
         })
     }
 

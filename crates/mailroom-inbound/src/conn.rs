@@ -16,6 +16,33 @@ pub const COMMAND_READ: usize = 1024;
 /// Read size while receiving message data.
 pub const DATA_READ: usize = 64 * 1024;
 
+/// A stream a session can run on. `poll_idle_ready` lets an idle session wait for input
+/// without holding a read buffer: plaintext TCP waits for readability with no memory at all;
+/// other streams (TLS, test pipes) report ready at once and read into a small buffer.
+pub trait SmtpStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Ready when a read would likely make progress.
+    fn poll_idle_ready(&self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl SmtpStream for Prefixed<tokio::net::TcpStream> {
+    fn poll_idle_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        self.inner.poll_read_ready(cx)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> SmtpStream for tokio_rustls::server::TlsStream<S> {}
+impl SmtpStream for tokio::io::DuplexStream {}
+impl SmtpStream for tokio::net::TcpStream {
+    fn poll_idle_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+}
+
 /// A stream that yields `prefix` before the inner stream's bytes.
 #[derive(Debug)]
 pub struct Prefixed<S> {
@@ -83,7 +110,7 @@ pub struct Conn<S> {
     wbuf: Vec<u8>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+impl<S: SmtpStream> Conn<S> {
     /// Wraps a stream.
     pub fn new(stream: S) -> Self {
         Conn {
@@ -113,10 +140,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     /// Reads more input, at most `chunk` bytes. Returns 0 at end of stream. When the buffer is
-    /// empty its memory is given back first, so an idle session holds only `chunk` bytes.
+    /// empty its memory is given back and the wait for input happens without a buffer, so an
+    /// idle plaintext session holds no read buffer at all.
     pub async fn fill(&mut self, chunk: usize) -> io::Result<usize> {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > chunk {
-            self.rbuf = BytesMut::new();
+        if self.rbuf.is_empty() {
+            if self.rbuf.capacity() > 0 {
+                self.rbuf = BytesMut::new();
+            }
+            std::future::poll_fn(|cx| self.stream.poll_idle_ready(cx)).await?;
         }
         self.rbuf.reserve(chunk);
         self.stream.read_buf(&mut self.rbuf).await

@@ -106,7 +106,11 @@ impl ListenerContext {
             None => (None, None),
         };
         let users = match &spec.auth {
-            Some(a) => Some(Arc::new(UserDb::load(a.users_file.as_ref(), &spec.name)?)),
+            Some(a) => Some(Arc::new(UserDb::load(
+                a.users_file.as_ref(),
+                &spec.name,
+                &format!("{path}.auth.usersFile"),
+            )?)),
             None => None,
         };
         let auth_mechanisms = spec
@@ -180,7 +184,11 @@ impl ListenerContext {
             })?;
         }
         if let Some(a) = &spec.auth {
-            UserDb::load(a.users_file.as_ref(), &spec.name)?;
+            UserDb::load(
+                a.users_file.as_ref(),
+                &spec.name,
+                &format!("{path}.auth.usersFile"),
+            )?;
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ mod session;
 mod tls;
 
 pub use auth::UserDb;
+pub use conn::{Prefixed, SmtpStream};
 pub use context::{InboundDeps, ListenerContext};
 pub use server::{Listener, Shutdown};
 pub use session::{Ended, Session};

@@ -52,11 +52,12 @@ pub fn assemble(
         proto = protocol(info, tx.mail_params.smtputf8),
     );
     if let [(ForwardPath::Mailbox(m), _)] = tx.recipients.as_slice() {
-        head.push_str(&format!(
-            "\r\n\tfor <{}@{}>",
-            clean(&m.local),
-            clean(&m.domain)
-        ));
+        // The parser admits no control characters in addresses, and UTF-8 only with SMTPUTF8,
+        // where the header may carry it (RFC 6532). Display re-quotes the local part.
+        let addr = m.to_string();
+        if !addr.chars().any(char::is_control) {
+            head.push_str(&format!("\r\n\tfor <{addr}>"));
+        }
     }
     head.push_str(&format!(";\r\n\t{}\r\n", chrono::Utc::now().to_rfc2822()));
     for (name, value) in &edits.add_headers {

@@ -101,6 +101,9 @@ impl Listener {
             let sd = shutdown.clone();
             tracker.spawn(handle_connection(stream, peer, ctx, sd));
         }
+        // Close the socket now: new connections are refused (the sender tries another MX)
+        // instead of waiting unanswered while open sessions finish.
+        drop(self.tcp);
         tracker.close();
         tracker.wait().await;
     }
@@ -191,14 +194,15 @@ async fn handle_connection(
         auth_user: None,
         submission: ctx.submission,
     };
+    // The TLS path is boxed so that a plaintext session's task does not carry its (large) state.
     if ctx.implicit_tls {
-        tls_session(stream, ctx, info, shutdown, true).await;
+        Box::pin(tls_session(stream, ctx, info, shutdown, true)).await;
     } else {
         let ended = Session::new(stream, Arc::clone(&ctx), info.clone(), shutdown.clone())
             .run(true)
             .await;
         if let Ended::StartTls(stream) = ended {
-            tls_session(stream, ctx, info, shutdown, false).await;
+            Box::pin(tls_session(stream, ctx, info, shutdown, false)).await;
         }
     }
     active.dec();

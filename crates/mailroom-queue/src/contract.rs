@@ -102,7 +102,10 @@ pub async fn run_all<B: Backend, F: FnMut() -> B>(mut new_backend: F) {
 pub async fn enqueue_then_get<B: Backend>(backend: &mut B) {
     let queue = backend.open().await;
     assert!(queue.is_ready(), "a freshly opened queue is ready");
-    let mut message = message("alice@example.org", &["bob@Example.COM", "carol@example.net"]);
+    let mut message = message(
+        "alice@example.org",
+        &["bob@Example.COM", "carol@example.net"],
+    );
     message.envelope.ret = Some(mailroom_smtp::Ret::Hdrs);
     message.envelope.envid = Some("env-1".into());
     message.envelope.body_type = Some(mailroom_smtp::Body::EightBitMime);
@@ -244,10 +247,7 @@ pub async fn reopen_keeps_everything<B: Backend>(backend: &mut B) {
     let queue = backend.open().await;
     let mut messages = Vec::new();
     for i in 0..20 {
-        let m = message(
-            &format!("s{i}@x.org"),
-            &[&format!("r@d{}.example", i % 3)],
-        );
+        let m = message(&format!("s{i}@x.org"), &[&format!("r@d{}.example", i % 3)]);
         ok(queue.enqueue(m.clone()).await, "enqueue");
         messages.push(m);
     }
@@ -255,10 +255,7 @@ pub async fn reopen_keeps_everything<B: Backend>(backend: &mut B) {
     let stats = ok(queue.stats().await, "stats");
     drop(queue);
     let queue = backend.open().await;
-    assert_eq!(
-        ok(queue.list(usize::MAX).await, "list after reopen"),
-        list
-    );
+    assert_eq!(ok(queue.list(usize::MAX).await, "list after reopen"), list);
     assert_eq!(ok(queue.stats().await, "stats after reopen"), stats);
     for m in messages {
         assert_eq!(

@@ -79,6 +79,7 @@ impl<'de> Deserialize<'de> for QueueId {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

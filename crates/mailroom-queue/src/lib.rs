@@ -30,8 +30,9 @@
 //!   [`Envelope::received_at_ms`]; an expired message is bounced and acked.
 //! - **jetstream backend**: one stream with work-queue retention, subjects carrying
 //!   [`Envelope::policy`] and the recipient domain, [`QueueId`] as `Nats-Msg-Id`.
-//! - **one contract**: [`contract`] (feature `testing`) holds the backend-independent test-suite,
-//!   generic over a [`contract::Backend`] factory; each backend runs it from `tests/`.
+//! - **one contract**: `contract` (feature `testing`) holds the backend-independent test-suite,
+//!   generic over a `contract::Backend` factory; each backend runs it from `tests/contract.rs`.
+//!   The lease/ack/defer checks join it with the trait methods.
 //!
 //! The envelope is stored as JSON, so new optional fields (attempts, next attempt, per-recipient
 //! state) can be added without rewriting spooled messages.

@@ -1,4 +1,5 @@
 //! Tests specific to the local spool: rebuild, quarantine, tmp cleanup, locking, read-only view.
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 
@@ -59,7 +60,11 @@ async fn leftovers_in_tmp_are_removed_on_open() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()).await);
     let tmp = dir.path().join("tmp");
-    std::fs::write(tmp.join(format!("{}.msg", QueueId::new())), b"MRQ1 half written").unwrap();
+    std::fs::write(
+        tmp.join(format!("{}.msg", QueueId::new())),
+        b"MRQ1 half written",
+    )
+    .unwrap();
     std::fs::write(tmp.join("junk"), b"x").unwrap();
     std::fs::create_dir(tmp.join("subdir")).unwrap();
     let queue = open(dir.path()).await;
@@ -96,7 +101,9 @@ async fn torn_and_corrupt_files_are_quarantined_not_fatal() {
     // Garbage with a wrong name, and an empty file.
     std::fs::write(dir.path().join("queue").join("garbage.txt"), b"hello").unwrap();
     std::fs::write(
-        dir.path().join("queue").join(format!("{}.msg", QueueId::new())),
+        dir.path()
+            .join("queue")
+            .join(format!("{}.msg", QueueId::new())),
         b"",
     )
     .unwrap();
@@ -105,7 +112,10 @@ async fn torn_and_corrupt_files_are_quarantined_not_fatal() {
     let list = queue.list(100).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].id, good.envelope.id);
-    assert_eq!(queue.get(good.envelope.id).await.unwrap(), Some(good.clone()));
+    assert_eq!(
+        queue.get(good.envelope.id).await.unwrap(),
+        Some(good.clone())
+    );
     assert_eq!(files_in(&dir.path().join("corrupt")).len(), 4);
     assert_eq!(
         files_in(&dir.path().join("queue")),
@@ -152,7 +162,10 @@ async fn duplicate_id_is_rejected_and_original_kept() {
     let mut other = m.clone();
     other.body = bytes::Bytes::from_static(b"Subject: other\r\n\r\nother\r\n");
     let err = queue.enqueue(other).await.unwrap_err();
-    assert!(matches!(err, QueueError::Duplicate(id) if id == m.envelope.id), "{err}");
+    assert!(
+        matches!(err, QueueError::Duplicate(id) if id == m.envelope.id),
+        "{err}"
+    );
     assert_eq!(queue.get(m.envelope.id).await.unwrap(), Some(m));
     assert!(files_in(&dir.path().join("tmp")).is_empty());
 }
@@ -189,7 +202,10 @@ async fn read_only_sees_entries_of_a_running_writer() {
     assert!(reader.is_read_only());
     assert!(!reader.is_ready());
     assert!(leftover.exists(), "read-only open leaves tmp/ alone");
-    assert_eq!(reader.list(100).await.unwrap(), writer.list(100).await.unwrap());
+    assert_eq!(
+        reader.list(100).await.unwrap(),
+        writer.list(100).await.unwrap()
+    );
     assert_eq!(reader.stats().await.unwrap(), writer.stats().await.unwrap());
     assert_eq!(
         reader.get(messages[3].envelope.id).await.unwrap(),
@@ -213,7 +229,10 @@ async fn read_only_sees_entries_of_a_running_writer() {
         Err(QueueError::ReadOnly(_))
     ));
     // A corrupt file is skipped, not moved, by the reader.
-    let bad = dir.path().join("queue").join(format!("{}.msg", QueueId::new()));
+    let bad = dir
+        .path()
+        .join("queue")
+        .join(format!("{}.msg", QueueId::new()));
     std::fs::write(&bad, b"MRQ1").unwrap();
     let reader = LocalQueue::open_read_only(dir.path()).await.unwrap();
     assert!(bad.exists());
@@ -228,7 +247,10 @@ async fn read_only_of_missing_spool_fails_with_path() {
         .err()
         .expect("must fail");
     let text = err.to_string();
-    assert!(text.contains("read directory") && text.contains("nope"), "{text}");
+    assert!(
+        text.contains("read directory") && text.contains("nope"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,4 +275,49 @@ async fn concurrent_enqueues_share_directory_fsyncs() {
     drop(queue);
     let queue = open(dir.path()).await;
     assert_eq!(queue.stats().await.unwrap().messages, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_duplicates_one_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = std::sync::Arc::new(open(dir.path()).await);
+    let m = message("a@x.org", &["b@y.org"]);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (queue, m) = (queue.clone(), m.clone());
+        tasks.push(tokio::spawn(async move { queue.enqueue(m).await }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(QueueError::Duplicate(id)) => assert_eq!(id, m.envelope.id),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(ok, 1);
+    assert_eq!(queue.get(m.envelope.id).await.unwrap(), Some(m));
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_enqueue_still_completes_and_leaves_no_tmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = open(dir.path()).await;
+    let m = message("a@x.org", &["b@y.org"]);
+    // Poll the enqueue once (the write starts on the blocking pool), then drop it.
+    let enqueue = queue.enqueue(m.clone());
+    tokio::select! {
+        biased;
+        _ = enqueue => {}
+        () = std::future::ready(()) => {}
+    }
+    for _ in 0..500 {
+        if queue.stats().await.unwrap().messages == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(queue.get(m.envelope.id).await.unwrap(), Some(m));
+    assert!(files_in(&dir.path().join("tmp")).is_empty());
 }

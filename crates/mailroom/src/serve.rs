@@ -17,12 +17,11 @@ use crate::load_config;
 
 /// Raises the open-files limit to the hard limit: every connection is a descriptor.
 fn raise_nofile() {
-    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get() {
-        if soft < hard {
-            if let Err(e) = rlimit::Resource::NOFILE.set(hard, hard) {
-                tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
-            }
-        }
+    if let Ok((soft, hard)) = rlimit::Resource::NOFILE.get()
+        && soft < hard
+        && let Err(e) = rlimit::Resource::NOFILE.set(hard, hard)
+    {
+        tracing::warn!(error = %e, soft, hard, "cannot raise the open-files limit");
     }
 }
 

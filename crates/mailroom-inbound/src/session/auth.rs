@@ -1,10 +1,10 @@
 //! AUTH PLAIN and LOGIN (RFC 4954, RFC 4616), offered and accepted only over TLS. A failed
 //! attempt counts as an error towards the session's error limit.
 
+use crate::conn::SmtpStream;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use mailroom_smtp::Reply;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Flow, Input, Session, reply};
 use crate::metrics;
@@ -16,7 +16,7 @@ enum Step {
     Closed(&'static str),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+impl<S: SmtpStream> Session<S> {
     /// Sends a 334 challenge and reads the client's base64 answer.
     async fn challenge(&mut self, prompt: &str) -> Step {
         self.send_ok(Reply {

@@ -9,10 +9,9 @@ use bytes::Buf;
 use mailroom_plugins::{MessageEdits, Verdict, builtin::header_value};
 use mailroom_queue::{Envelope, QueueId, Recipient, StoredMessage};
 use mailroom_smtp::{BdatReceiver, Body, DataError, DataReceiver, ForwardPath, Reply, ReversePath};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Flow, Session, reply};
-use crate::conn::DATA_READ;
+use crate::conn::{DATA_READ, SmtpStream};
 use crate::{metrics, received};
 
 /// A BDAT transaction in progress.
@@ -30,6 +29,18 @@ fn error_reason(e: &DataError) -> &'static str {
     }
 }
 
+/// The reply for a refused body; the line limit is the listener's, not the RFC default.
+fn refusal(e: &DataError, max_line: usize) -> Reply {
+    match e {
+        DataError::LineTooLong => reply(
+            550,
+            (5, 5, 2),
+            format!("Message contains a line longer than {max_line} octets"),
+        ),
+        other => other.reply(),
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -37,7 +48,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+impl<S: SmtpStream> Session<S> {
     /// Checks that a transaction can take data; queues the refusal otherwise.
     fn data_allowed(&mut self) -> bool {
         match &self.tx {
@@ -104,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .with_label_values(&[&self.ctx.name, error_reason(&e)])
                     .inc();
                 self.reset_transaction();
-                self.send(e.reply());
+                self.send(refusal(&e, self.ctx.limits.max_line_length));
                 Flow::Continue
             }
         }
@@ -165,7 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     .with_label_values(&[&self.ctx.name, error_reason(&e)])
                     .inc();
                 self.reset_transaction();
-                self.send(e.reply());
+                self.send(refusal(&e, self.ctx.limits.max_line_length));
                 Flow::Continue
             }
         }

@@ -1,13 +1,13 @@
 //! EHLO and HELO (RFC 5321 §4.1.1.1): greet, reset the transaction, and list the extensions
 //! this session may use. STARTTLS is offered only before TLS; AUTH only over TLS.
 
+use crate::conn::SmtpStream;
 use mailroom_plugins::Verdict;
 use mailroom_smtp::Reply;
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Flow, Session};
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+impl<S: SmtpStream> Session<S> {
     pub(crate) async fn ehlo(&mut self, domain: String, esmtp: bool) -> Flow {
         match self.ctx.plugins.helo(&self.info, &domain).await {
             Verdict::Reject(r) | Verdict::TempFail(r) => {

@@ -3,14 +3,14 @@
 //! recipient limit, and the relay rule (never an open relay: a recipient outside the
 //! listener's domains needs an authenticated client or a relay network, else `550 5.7.1`).
 
+use crate::conn::SmtpStream;
 use mailroom_plugins::{Transaction, Verdict};
 use mailroom_smtp::{ForwardPath, MailParams, RcptParams, ReversePath};
-use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Flow, Session, reply};
 use crate::metrics;
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+impl<S: SmtpStream> Session<S> {
     pub(crate) async fn mail(&mut self, from: ReversePath, params: MailParams) -> Flow {
         if self.info.helo.is_none() {
             self.send(reply(503, (5, 5, 1), "Send HELO/EHLO first"));
@@ -35,25 +35,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             ));
             return Flow::Close("message_limit");
         }
-        if let Some(size) = params.size {
-            if size > self.ctx.limits.max_message_size {
-                self.send(reply(
-                    552,
-                    (5, 3, 4),
-                    "Message size exceeds fixed maximum message size",
-                ));
-                return Flow::Continue;
-            }
+        if let Some(size) = params.size
+            && size > self.ctx.limits.max_message_size
+        {
+            self.send(reply(
+                552,
+                (5, 3, 4),
+                "Message size exceeds fixed maximum message size",
+            ));
+            return Flow::Continue;
         }
-        if let ReversePath::Mailbox(m) = &from {
-            if !params.smtputf8 && !m.is_ascii() {
-                self.send(reply(
-                    553,
-                    (5, 6, 7),
-                    "Non-ASCII address requires the SMTPUTF8 parameter",
-                ));
-                return Flow::Continue;
-            }
+        if let ReversePath::Mailbox(m) = &from
+            && !params.smtputf8
+            && !m.is_ascii()
+        {
+            self.send(reply(
+                553,
+                (5, 6, 7),
+                "Non-ASCII address requires the SMTPUTF8 parameter",
+            ));
+            return Flow::Continue;
         }
         match self.ctx.plugins.mail(&self.info, &from, &params).await {
             Verdict::Reject(r) | Verdict::TempFail(r) => {

@@ -46,20 +46,19 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
             (None, true) => continue,
             (None, false) => {}
         }
-        if let Some(colon) = line.iter().position(|&b| b == b':') {
-            if line[..colon]
+        if let Some(colon) = line.iter().position(|&b| b == b':')
+            && line[..colon]
                 .trim_ascii_end()
                 .eq_ignore_ascii_case(name.as_bytes())
-            {
-                found = Some(
-                    String::from_utf8_lossy(&line[colon + 1..])
-                        .trim()
-                        .to_string(),
-                );
-            }
+        {
+            found = Some(
+                String::from_utf8_lossy(&line[colon + 1..])
+                    .trim()
+                    .to_string(),
+            );
         }
     }
-    found
+    found.map(|v| v.trim().to_string())
 }
 
 /// True when the header section of `message` has a field called `name` (case-insensitive).

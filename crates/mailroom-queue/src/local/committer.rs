@@ -10,6 +10,7 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -77,6 +78,7 @@ fn copy_io_error(e: &io::Error) -> io::Error {
 
 /// Commits one batch, leaving `batch` empty.
 fn commit(shared: &Shared, batch: &mut Vec<Op>) {
+    shared.batches.fetch_add(1, Ordering::Relaxed);
     if let Err(reason) = shared.check_poisoned() {
         for op in batch.drain(..) {
             match op {
@@ -181,7 +183,10 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
                         let _ = reply.send(Err(err));
                     }
                     Outcome::Delete {
-                        id, reply, unlinked, ..
+                        id,
+                        reply,
+                        unlinked,
+                        ..
                     } => {
                         if matches!(unlinked, Ok(true)) {
                             index.remove(id);

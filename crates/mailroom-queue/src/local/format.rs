@@ -100,7 +100,10 @@ fn parse_header(path: &Path, header: &[u8], file_len: u64) -> Result<Header, Que
     u32_buf.copy_from_slice(field(16..20));
     let env_crc = u32::from_le_bytes(u32_buf);
     if env_len > MAX_ENVELOPE_LEN {
-        return Err(corrupt(path, format!("envelope length {env_len} too large")));
+        return Err(corrupt(
+            path,
+            format!("envelope length {env_len} too large"),
+        ));
     }
     let expected = (HEADER_LEN as u64 + TRAILER_LEN as u64 + u64::from(env_len))
         .checked_add(body_len)
@@ -125,7 +128,10 @@ fn parse_envelope(path: &Path, json: &[u8], expected_crc: u32) -> Result<Envelop
     }
     let envelope: Envelope = serde_json::from_slice(json)
         .map_err(|e| corrupt(path, format!("envelope is not valid JSON: {e}")))?;
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
     if stem != envelope.id.to_string() {
         return Err(corrupt(
             path,
@@ -144,8 +150,13 @@ pub(crate) fn read_envelope(path: &Path) -> Result<(Envelope, u64), QueueError> 
         .map_err(|e| QueueError::io("stat", path, e))?
         .len();
     let mut header = [0u8; HEADER_LEN];
-    let header_read = read_up_to(&mut file, &mut header).map_err(|e| QueueError::io("read", path, e))?;
-    let header = parse_header(path, header.get(..header_read).unwrap_or_default(), file_len)?;
+    let header_read =
+        read_up_to(&mut file, &mut header).map_err(|e| QueueError::io("read", path, e))?;
+    let header = parse_header(
+        path,
+        header.get(..header_read).unwrap_or_default(),
+        file_len,
+    )?;
     let mut json = vec![0u8; header.env_len];
     file.read_exact(&mut json)
         .map_err(|e| QueueError::io("read", path, e))?;

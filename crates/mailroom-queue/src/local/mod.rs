@@ -142,7 +142,6 @@ impl Shared {
 
     /// fsyncs `queue/` (one per group commit).
     fn sync_queue_dir(&self) -> Result<(), QueueError> {
-        self.batches.fetch_add(1, Ordering::Relaxed);
         let Some(handle) = &self.queue_dir_handle else {
             return Err(QueueError::ReadOnly("sync"));
         };
@@ -166,12 +165,19 @@ impl Shared {
         let tmp = self.tmp_dir.join(&name);
         let dst = self.queue_dir.join(&name);
 
+        let mut file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| {
+                // A concurrent enqueue of the same id owns this tmp file: not ours to remove.
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    QueueError::Duplicate(id)
+                } else {
+                    QueueError::io("create", &tmp, e)
+                }
+            })?;
         let written = (|| {
-            let mut file = File::options()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(|e| QueueError::io("create", &tmp, e))?;
             file.write_all(head)
                 .and_then(|()| file.write_all(&message.body))
                 .and_then(|()| file.write_all(trailer))
@@ -187,12 +193,10 @@ impl Shared {
                 }
             })
         })();
+        drop(file);
         if let Err(e) = written {
-            // Nothing was promised; leave nothing behind (the create may have failed because a
-            // concurrent enqueue of the same id owns the tmp file: then it is not ours to remove).
-            if !matches!(&e, QueueError::Io { op: "create", .. }) {
-                let _ = std::fs::remove_file(&tmp);
-            }
+            // Nothing was promised; leave nothing behind.
+            let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
 
@@ -557,6 +561,7 @@ impl Queue for LocalQueue {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
