@@ -55,6 +55,10 @@ impl Listener {
                 source,
             })?;
         let reload_every = spec.tls.as_ref().map(|t| t.reload_interval.as_duration());
+        // Export the main series at zero from the start, so dashboards and rate() see them.
+        metrics::MESSAGES_ACCEPTED.with_label_values(&[&spec.name]);
+        metrics::SESSIONS_ACTIVE.with_label_values(&[&spec.name]);
+        metrics::CONNECTIONS.with_label_values(&[&spec.name, "accepted"]);
         Ok(Listener {
             ctx: Arc::new(ctx),
             tcp,
