@@ -145,14 +145,7 @@ async fn auth_is_offered_and_accepted_only_over_tls() {
 async fn submission_requires_auth_and_gets_message_id_and_date() {
     let (mut s, pki) = tls_spec(true, true);
     s.mode = ListenerMode::Submission;
-    s.plugins = mailroom_config::load_str(
-        "listeners:\n- name: x\n  address: 127.0.0.1:0\n  acceptedDomains: [example.test]\n  plugins:\n  - headers: {}\n",
-        "inline",
-    )
-    .expect("config")
-    .listeners[0]
-        .plugins
-        .clone();
+    s.plugins = common::plugins("  - headers: {}\n");
     let server = TestServer::start(s).await;
     let c = server.connect().await;
     let mut t = upgrade(c, pki.ca.clone()).await;

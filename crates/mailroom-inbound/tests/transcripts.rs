@@ -462,14 +462,9 @@ async fn smtputf8_addresses_need_the_parameter() {
 #[tokio::test]
 async fn access_plugin_refuses_denied_clients_and_senders() {
     let mut s = spec();
-    s.plugins = mailroom_config::load_str(
-        "listeners:\n- name: x\n  address: 127.0.0.1:0\n  acceptedDomains: [example.test]\n  plugins:\n  - access:\n      denySenders: ['@spam.test']\n      denyRecipients: ['blocked@example.test']\n      denyHelo: ['*.bad.test']\n",
-        "inline",
-    )
-    .expect("config")
-    .listeners[0]
-        .plugins
-        .clone();
+    s.plugins = common::plugins(
+        "  - access:\n      denySenders: ['@spam.test']\n      denyRecipients: ['blocked@example.test']\n      denyHelo: ['*.bad.test']\n",
+    );
     let server = TestServer::start(s).await;
     let mut c = server.session().await;
     c.cmd("EHLO host.bad.test", "550 5.7.1").await;
@@ -480,14 +475,7 @@ async fn access_plugin_refuses_denied_clients_and_senders() {
     c.cmd("RCPT TO:<fine@example.test>", "250").await;
 
     let mut deny = spec();
-    deny.plugins = mailroom_config::load_str(
-        "listeners:\n- name: x\n  address: 127.0.0.1:0\n  acceptedDomains: [example.test]\n  plugins:\n  - access:\n      denyClients: ['127.0.0.0/8']\n",
-        "inline",
-    )
-    .expect("config")
-    .listeners[0]
-        .plugins
-        .clone();
+    deny.plugins = common::plugins("  - access:\n      denyClients: ['127.0.0.0/8']\n");
     let server = TestServer::start(deny).await;
     let mut c = server.connect().await;
     c.expect("554 5.7.1").await;

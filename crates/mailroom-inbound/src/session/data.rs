@@ -6,7 +6,7 @@
 //! `451 4.3.0`, which tells the client to keep the message and retry.
 
 use bytes::Buf;
-use mailroom_plugins::{MessageEdits, Verdict, builtin::header_value};
+use mailroom_plugins::{MessageEdits, builtin::header_value};
 use mailroom_queue::{Envelope, QueueId, Recipient, StoredMessage};
 use mailroom_smtp::{BdatReceiver, Body, DataError, DataReceiver, ForwardPath, Reply, ReversePath};
 
@@ -110,14 +110,7 @@ impl<S: SmtpStream> Session<S> {
         }
         match receiver.finish() {
             Ok(_) => self.finish_message(body).await,
-            Err(e) => {
-                metrics::MESSAGES_REJECTED
-                    .with_label_values(&[&self.ctx.name, error_reason(&e)])
-                    .inc();
-                self.reset_transaction();
-                self.send(refusal(&e, self.ctx.limits.max_line_length));
-                Flow::Continue
-            }
+            Err(e) => self.refuse_body(&e),
         }
     }
 
@@ -157,12 +150,7 @@ impl<S: SmtpStream> Session<S> {
             }
         }
         if let Err(DataError::TooLarge) = state.receiver.finish() {
-            metrics::MESSAGES_REJECTED
-                .with_label_values(&[&self.ctx.name, "too_large"])
-                .inc();
-            self.reset_transaction();
-            self.send(DataError::TooLarge.reply());
-            return Flow::Continue;
+            return self.refuse_body(&DataError::TooLarge);
         }
         if !last {
             self.send_ok(reply(250, (2, 0, 0), format!("{size} octets received")));
@@ -171,15 +159,18 @@ impl<S: SmtpStream> Session<S> {
         }
         match state.receiver.finish() {
             Ok(_) => self.finish_message(state.body).await,
-            Err(e) => {
-                metrics::MESSAGES_REJECTED
-                    .with_label_values(&[&self.ctx.name, error_reason(&e)])
-                    .inc();
-                self.reset_transaction();
-                self.send(refusal(&e, self.ctx.limits.max_line_length));
-                Flow::Continue
-            }
+            Err(e) => self.refuse_body(&e),
         }
+    }
+
+    /// Refuses the received body: counts it, forgets the transaction, replies.
+    fn refuse_body(&mut self, e: &DataError) -> Flow {
+        metrics::MESSAGES_REJECTED
+            .with_label_values(&[&self.ctx.name, error_reason(e)])
+            .inc();
+        self.reset_transaction();
+        self.send(refusal(e, self.ctx.limits.max_line_length));
+        Flow::Continue
     }
 
     /// Reads and drops `n` bytes (a BDAT chunk that is refused).
@@ -206,27 +197,18 @@ impl<S: SmtpStream> Session<S> {
         self.messages += 1;
         let name = self.ctx.name.clone();
         let mut edits = MessageEdits::default();
-        match self
+        let verdict = self
             .ctx
             .plugins
             .data(&self.info, &tx, &body, &mut edits)
-            .await
-        {
-            Verdict::Reject(r) | Verdict::TempFail(r) => {
-                metrics::MESSAGES_REJECTED
-                    .with_label_values(&[&name, "plugin"])
-                    .inc();
-                self.send(r);
-                return Flow::Continue;
-            }
-            Verdict::Disconnect(r) => {
-                metrics::MESSAGES_REJECTED
-                    .with_label_values(&[&name, "plugin"])
-                    .inc();
-                self.send(r);
-                return Flow::Close("plugin");
-            }
-            Verdict::Continue | Verdict::Accept => {}
+            .await;
+        if !verdict.is_pass() {
+            metrics::MESSAGES_REJECTED
+                .with_label_values(&[&name, "plugin"])
+                .inc();
+        }
+        if let Some(flow) = self.refused(verdict) {
+            return flow;
         }
         let id = QueueId::new();
         let id_text = id.to_string();

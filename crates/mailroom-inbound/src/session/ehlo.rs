@@ -2,23 +2,15 @@
 //! this session may use. STARTTLS is offered only before TLS; AUTH only over TLS.
 
 use crate::conn::SmtpStream;
-use mailroom_plugins::Verdict;
 use mailroom_smtp::Reply;
 
 use super::{Flow, Session};
 
 impl<S: SmtpStream> Session<S> {
     pub(crate) async fn ehlo(&mut self, domain: String, esmtp: bool) -> Flow {
-        match self.ctx.plugins.helo(&self.info, &domain).await {
-            Verdict::Reject(r) | Verdict::TempFail(r) => {
-                self.send(r);
-                return Flow::Continue;
-            }
-            Verdict::Disconnect(r) => {
-                self.send(r);
-                return Flow::Close("plugin");
-            }
-            Verdict::Continue | Verdict::Accept => {}
+        let verdict = self.ctx.plugins.helo(&self.info, &domain).await;
+        if let Some(flow) = self.refused(verdict) {
+            return flow;
         }
         self.reset_transaction();
         let client_ip = self.info.client_ip();

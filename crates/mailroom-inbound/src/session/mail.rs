@@ -4,7 +4,7 @@
 //! listener's domains needs an authenticated client or a relay network, else `550 5.7.1`).
 
 use crate::conn::SmtpStream;
-use mailroom_plugins::{Transaction, Verdict};
+use mailroom_plugins::Transaction;
 use mailroom_smtp::{ForwardPath, MailParams, RcptParams, ReversePath};
 
 use super::{Flow, Session, reply};
@@ -56,16 +56,9 @@ impl<S: SmtpStream> Session<S> {
             ));
             return Flow::Continue;
         }
-        match self.ctx.plugins.mail(&self.info, &from, &params).await {
-            Verdict::Reject(r) | Verdict::TempFail(r) => {
-                self.send(r);
-                return Flow::Continue;
-            }
-            Verdict::Disconnect(r) => {
-                self.send(r);
-                return Flow::Close("plugin");
-            }
-            Verdict::Continue | Verdict::Accept => {}
+        let verdict = self.ctx.plugins.mail(&self.info, &from, &params).await;
+        if let Some(flow) = self.refused(verdict) {
+            return flow;
         }
         self.tx = Some(Transaction::new(from, params));
         self.send_ok(reply(250, (2, 1, 0), "Ok"));
@@ -110,17 +103,12 @@ impl<S: SmtpStream> Session<S> {
                 return Flow::Continue;
             }
         }
-        match self.ctx.plugins.rcpt(&self.info, tx, &to, &params).await {
-            Verdict::Reject(r) | Verdict::TempFail(r) => {
-                reject("plugin");
-                self.send(r);
-                return Flow::Continue;
-            }
-            Verdict::Disconnect(r) => {
-                self.send(r);
-                return Flow::Close("plugin");
-            }
-            Verdict::Continue | Verdict::Accept => {}
+        let verdict = self.ctx.plugins.rcpt(&self.info, tx, &to, &params).await;
+        if !verdict.is_pass() {
+            reject("plugin");
+        }
+        if let Some(flow) = self.refused(verdict) {
+            return flow;
         }
         if let Some(tx) = self.tx.as_mut() {
             tx.recipients.push((to, params));

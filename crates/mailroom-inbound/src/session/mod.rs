@@ -348,6 +348,22 @@ impl<S: SmtpStream> Session<S> {
         Flow::StartTls
     }
 
+    /// Applies a plugin verdict: a refusal is sent and the flow to return is given back;
+    /// `Continue` and `Accept` give None (go on).
+    pub(crate) fn refused(&mut self, verdict: Verdict) -> Option<Flow> {
+        match verdict {
+            Verdict::Continue | Verdict::Accept => None,
+            Verdict::Reject(r) | Verdict::TempFail(r) => {
+                self.send(r);
+                Some(Flow::Continue)
+            }
+            Verdict::Disconnect(r) => {
+                self.send(r);
+                Some(Flow::Close("plugin"))
+            }
+        }
+    }
+
     /// Forgets the current transaction (RSET, EHLO, errors).
     pub(crate) fn reset_transaction(&mut self) {
         self.tx = None;

@@ -32,6 +32,17 @@ pub fn spec() -> ListenerSpec {
     s
 }
 
+/// Plugin specs from the YAML of a `plugins:` list (indented two spaces), read through the real
+/// config loader so that tests use exactly what a config file would give.
+pub fn plugins(list_yaml: &str) -> Vec<mailroom_config::PluginSpec> {
+    let doc = format!(
+        "listeners:\n- name: x\n  address: 127.0.0.1:0\n  acceptedDomains: [example.test]\n  plugins:\n{list_yaml}"
+    );
+    let mut config =
+        mailroom_config::load_str(&doc, "inline plugins").expect("valid plugin config");
+    config.listeners.remove(0).plugins
+}
+
 impl TestServer {
     pub async fn start(spec: ListenerSpec) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
