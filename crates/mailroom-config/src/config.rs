@@ -114,6 +114,10 @@ pub struct LocalQueueSpec {
     pub path: String,
     /// Most messages made durable by one fsync batch. Between 1 and 65536. Default 256.
     pub max_batch: u32,
+    /// How a batch is made durable before the 250 reply: `filesystem` (default) syncs the
+    /// spool's file system once per batch (fastest; put the spool on its own volume), `file`
+    /// fdatasyncs every message file (for a spool that shares a busy file system).
+    pub sync: SpoolSync,
 }
 
 impl Default for LocalQueueSpec {
@@ -121,8 +125,21 @@ impl Default for LocalQueueSpec {
         Self {
             path: "./spool".to_owned(),
             max_batch: 256,
+            sync: SpoolSync::default(),
         }
     }
+}
+
+/// How the local spool makes a batch of messages durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum SpoolSync {
+    /// One syncfs(2) of the spool's file system per batch.
+    #[default]
+    Filesystem,
+    /// One fdatasync(2) per message file.
+    File,
 }
 
 /// The HTTP endpoint for health checks and Prometheus metrics.

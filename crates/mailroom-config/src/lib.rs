@@ -18,7 +18,7 @@ pub mod syntax;
 mod validate;
 
 pub use config::{
-    Config, HttpSpec, LocalQueueSpec, LogFormat, LogSpec, QueueSpec, system_hostname,
+    Config, HttpSpec, LocalQueueSpec, LogFormat, LogSpec, QueueSpec, SpoolSync, system_hostname,
 };
 pub use human::{ByteSize, HumanDuration, HumanError, Rate};
 pub use limits::{Limits, Timeouts};

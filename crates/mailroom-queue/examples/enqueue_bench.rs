@@ -59,9 +59,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 async fn run_local(dir: &Path, max_batch: usize, messages: usize, tasks: usize) {
     let queue = Arc::new(
-        LocalQueue::open(dir, LocalOptions { max_batch })
-            .await
-            .expect("open"),
+        LocalQueue::open(
+            dir,
+            LocalOptions {
+                max_batch,
+                ..LocalOptions::default()
+            },
+        )
+        .await
+        .expect("open"),
     );
     let per_task = messages / tasks;
     let start = Instant::now();

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use mailroom_queue::contract::message;
-use mailroom_queue::local::{LocalOptions, LocalQueue};
+use mailroom_queue::local::{IoCounters, LocalOptions, LocalQueue, SyncMode};
 use mailroom_queue::{Queue, QueueError, QueueId};
 
 async fn open(dir: &Path) -> LocalQueue {
@@ -51,7 +51,8 @@ async fn file_is_in_queue_dir_and_tmp_is_empty_after_enqueue() {
     assert_eq!(&bytes[..4], b"MRQ1");
     let counters = queue.io_counters();
     assert_eq!(counters.enqueued, 1);
-    assert_eq!(counters.file_syncs, 1);
+    assert_eq!(counters.fs_syncs, 1, "default mode: one syncfs per batch");
+    assert_eq!(counters.file_syncs, 0);
     assert_eq!(counters.dir_syncs, 1);
 }
 
@@ -253,10 +254,10 @@ async fn read_only_of_missing_spool_fails_with_path() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_enqueues_share_directory_fsyncs() {
+/// 200 concurrent enqueues; returns the counters and checks everything survives a reopen.
+async fn enqueue_200_concurrently(options: LocalOptions) -> IoCounters {
     let dir = tempfile::tempdir().unwrap();
-    let queue = std::sync::Arc::new(open(dir.path()).await);
+    let queue = std::sync::Arc::new(LocalQueue::open(dir.path(), options.clone()).await.unwrap());
     let mut tasks = Vec::new();
     for _ in 0..200 {
         let queue = queue.clone();
@@ -269,12 +270,31 @@ async fn concurrent_enqueues_share_directory_fsyncs() {
     }
     let c = queue.io_counters();
     assert_eq!(c.enqueued, 200);
-    assert_eq!(c.file_syncs, 200);
-    assert!(c.dir_syncs <= 200, "{c:?}");
     assert_eq!(queue.stats().await.unwrap().messages, 200);
     drop(queue);
-    let queue = open(dir.path()).await;
+    let queue = LocalQueue::open(dir.path(), options).await.unwrap();
     assert_eq!(queue.stats().await.unwrap().messages, 200);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_enqueues_share_one_syncfs_per_batch() {
+    let c = enqueue_200_concurrently(LocalOptions::default()).await;
+    assert_eq!(c.file_syncs, 0);
+    assert_eq!(c.fs_syncs, c.dir_syncs, "{c:?}");
+    assert!(c.fs_syncs < 200, "no batching happened: {c:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn file_mode_syncs_every_file_and_shares_directory_fsyncs() {
+    let c = enqueue_200_concurrently(LocalOptions {
+        sync: SyncMode::File,
+        ..LocalOptions::default()
+    })
+    .await;
+    assert_eq!(c.file_syncs, 200);
+    assert_eq!(c.fs_syncs, 0);
+    assert!(c.dir_syncs < 200, "no batching happened: {c:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,7 +9,7 @@ use anyhow::Context;
 use mailroom_config::Config;
 use mailroom_inbound::{InboundDeps, Listener, Shutdown};
 use mailroom_queue::Queue;
-use mailroom_queue::local::{LocalOptions, LocalQueue};
+use mailroom_queue::local::{LocalOptions, LocalQueue, SyncMode};
 use mailroom_telemetry::{DeliveryLog, LogFormat, Readiness, init_tracing, serve_http};
 use tokio_util::sync::CancellationToken;
 
@@ -69,14 +69,17 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .local
         .clone()
         .context("queue.local: the embedded queue needs a local spool")?;
-    let queue = LocalQueue::open(
-        &local.path,
-        LocalOptions {
-            max_batch: local.max_batch as usize,
-        },
-    )
-    .await
-    .with_context(|| format!("queue.local.path {}: cannot open the spool", local.path))?;
+    let sync = match local.sync {
+        mailroom_config::SpoolSync::Filesystem => SyncMode::Filesystem,
+        mailroom_config::SpoolSync::File => SyncMode::File,
+    };
+    let options = LocalOptions {
+        max_batch: local.max_batch as usize,
+        sync,
+    };
+    let queue = LocalQueue::open(&local.path, options)
+        .await
+        .with_context(|| format!("queue.local.path {}: cannot open the spool", local.path))?;
     let queue: Arc<dyn Queue> = Arc::new(queue);
     let delivery_log = DeliveryLog::open(config.log.delivery_log.as_deref().map(Path::new))?;
     let deps = InboundDeps {

@@ -47,9 +47,15 @@ impl TestServer {
     pub async fn start(spec: ListenerSpec) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let queue = Arc::new(
-            LocalQueue::open(dir.path().join("spool"), LocalOptions { max_batch: 64 })
-                .await
-                .expect("open spool"),
+            LocalQueue::open(
+                dir.path().join("spool"),
+                LocalOptions {
+                    max_batch: 64,
+                    ..LocalOptions::default()
+                },
+            )
+            .await
+            .expect("open spool"),
         );
         let deps = InboundDeps {
             queue: Arc::clone(&queue) as Arc<dyn Queue>,

@@ -11,11 +11,18 @@
 //!
 //! # Durability
 //!
-//! `enqueue` writes `tmp/<ULID>.msg`, fdatasyncs it, renames it into `queue/` (refusing to replace
-//! an existing entry), and hands it to the group committer, which fsyncs the `queue/` directory
-//! once for every batch of pending renames and deletes. Only then is the entry indexed and
-//! `enqueue` answered. File writes and fdatasyncs of concurrent enqueues run in parallel on the
-//! blocking pool, so the file system's journal commits them together too.
+//! `enqueue` hands the encoded message to the group committer, a dedicated thread. For every
+//! batch of pending enqueues (whatever arrived while the previous batch was being synced; no
+//! timer) it writes each `tmp/<ULID>.msg`, makes the data durable, renames the files into
+//! `queue/` (refusing to replace an existing entry), fsyncs the `queue/` directory once, and only
+//! then indexes the entries and answers the waiters. A file in `queue/` is therefore always
+//! complete. How the data is made durable is [`SyncMode`]:
+//!
+//! - `Filesystem` (default): one `syncfs(2)` per batch flushes every file of the batch (and the
+//!   journal) at once. Measured here it costs a fraction of per-file fdatasync, but it also
+//!   flushes other dirty data of the same file system: give the spool its own volume.
+//! - `File`: one `fdatasync(2)` per file, issued from several threads so the journal can commit
+//!   them together. For a spool that shares its file system with busy writers.
 //!
 //! After a failed fsync the queue stops accepting messages ([`Queue::is_ready`] turns false):
 //! after such an error the page cache can no longer be trusted, and a restart re-reads the spool.
@@ -43,17 +50,31 @@ use crate::{EntrySummary, Queue, QueueError, QueueId, QueueStats, StoredMessage}
 use committer::Op;
 use index::Index;
 
+/// How a batch's message data is made durable before the files are renamed into `queue/`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncMode {
+    /// One `syncfs(2)` of the spool's file system per batch.
+    #[default]
+    Filesystem,
+    /// One `fdatasync(2)` per message file.
+    File,
+}
+
 /// Options of the local backend.
 #[derive(Clone, Debug)]
 pub struct LocalOptions {
-    /// Group commit cap: at most this many renames/deletes share one directory fsync.
-    /// Default 256.
+    /// Group commit cap: at most this many messages share one sync. Default 256.
     pub max_batch: usize,
+    /// How message data is synced. Default [`SyncMode::Filesystem`].
+    pub sync: SyncMode,
 }
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        LocalOptions { max_batch: 256 }
+        LocalOptions {
+            max_batch: 256,
+            sync: SyncMode::Filesystem,
+        }
     }
 }
 
@@ -62,8 +83,10 @@ impl Default for LocalOptions {
 pub struct IoCounters {
     /// Messages committed by `enqueue`.
     pub enqueued: u64,
-    /// fdatasync calls on message files.
+    /// fdatasync calls on message files ([`SyncMode::File`]).
     pub file_syncs: u64,
+    /// syncfs calls ([`SyncMode::Filesystem`], one per batch with new messages).
+    pub fs_syncs: u64,
     /// fsync calls on the `queue/` directory (one per group commit).
     pub dir_syncs: u64,
     /// Group commits (batches), including those that needed no fsync.
@@ -83,14 +106,16 @@ struct Shared {
     tmp_dir: PathBuf,
     queue_dir: PathBuf,
     corrupt_dir: PathBuf,
-    /// Open handle of `queue/` for the directory fsync (writer only).
+    /// Open handle of `queue/` for the directory fsync and syncfs (writer only).
     queue_dir_handle: Option<File>,
+    sync_mode: SyncMode,
     read_only: bool,
     index: Mutex<Index>,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
     enqueued: AtomicU64,
     file_syncs: AtomicU64,
+    fs_syncs: AtomicU64,
     dir_syncs: AtomicU64,
     batches: AtomicU64,
 }
@@ -103,12 +128,14 @@ impl Shared {
             corrupt_dir: root.join("corrupt"),
             root,
             queue_dir_handle: None,
+            sync_mode: SyncMode::default(),
             read_only,
             index: Mutex::new(Index::default()),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
             enqueued: AtomicU64::new(0),
             file_syncs: AtomicU64::new(0),
+            fs_syncs: AtomicU64::new(0),
             dir_syncs: AtomicU64::new(0),
             batches: AtomicU64::new(0),
         }
@@ -151,20 +178,10 @@ impl Shared {
             .map_err(|e| QueueError::io("fsync directory", &self.queue_dir, e))
     }
 
-    /// Writes, fdatasyncs and renames one message into `queue/`, then hands it to the
-    /// committer. Runs on the blocking pool; finishes even if the enqueue future is dropped.
-    fn write_entry(
-        &self,
-        message: &StoredMessage,
-        head: &[u8],
-        trailer: &[u8],
-        tx: &mpsc::UnboundedSender<Op>,
-    ) -> Result<oneshot::Receiver<Result<(), QueueError>>, QueueError> {
-        let id = message.envelope.id;
-        let name = format!("{id}.msg");
-        let tmp = self.tmp_dir.join(&name);
-        let dst = self.queue_dir.join(&name);
-
+    /// Creates `tmp/<id>.msg` and writes the message into it (not yet synced). On error the
+    /// tmp file is removed again.
+    fn write_tmp(&self, id: QueueId, parts: [&[u8]; 3]) -> Result<(File, PathBuf), QueueError> {
+        let tmp = self.tmp_dir.join(format!("{id}.msg"));
         let mut file = File::options()
             .write(true)
             .create_new(true)
@@ -177,43 +194,23 @@ impl Shared {
                     QueueError::io("create", &tmp, e)
                 }
             })?;
-        let written = (|| {
-            file.write_all(head)
-                .and_then(|()| file.write_all(&message.body))
-                .and_then(|()| file.write_all(trailer))
-                .map_err(|e| QueueError::io("write", &tmp, e))?;
-            self.file_syncs.fetch_add(1, Ordering::Relaxed);
-            file.sync_data()
-                .map_err(|e| QueueError::io("fdatasync", &tmp, e))?;
-            rename_noreplace(&tmp, &dst).map_err(|e| {
-                if e.kind() == io::ErrorKind::AlreadyExists {
-                    QueueError::Duplicate(id)
-                } else {
-                    QueueError::io("rename into queue", &tmp, e)
-                }
-            })
-        })();
-        drop(file);
+        let written = parts.iter().try_for_each(|part| file.write_all(part));
         if let Err(e) = written {
-            // Nothing was promised; leave nothing behind.
+            drop(file);
             let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+            return Err(QueueError::io("write", &tmp, e));
         }
+        Ok((file, tmp))
+    }
 
-        let (reply, rx) = oneshot::channel();
-        let summary = EntrySummary::of(&message.envelope, message.body.len() as u64);
-        if tx
-            .send(Op::Insert {
-                summary,
-                path: dst.clone(),
-                reply,
-            })
-            .is_err()
-        {
-            let _ = std::fs::remove_file(&dst);
-            return Err(QueueError::Unavailable("queue committer stopped".into()));
-        }
-        Ok(rx)
+    /// `syncfs(2)` of the spool's file system: every written file and directory entry is
+    /// durable afterwards.
+    fn sync_filesystem(&self) -> Result<(), QueueError> {
+        let Some(handle) = &self.queue_dir_handle else {
+            return Err(QueueError::ReadOnly("sync"));
+        };
+        self.fs_syncs.fetch_add(1, Ordering::Relaxed);
+        rustix::fs::syncfs(handle).map_err(|e| QueueError::io("syncfs", &self.root, e.into()))
     }
 
     /// Moves a corrupt file to `corrupt/`, never replacing an earlier one; returns its new path.
@@ -330,7 +327,7 @@ impl Shared {
 }
 
 /// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
-fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
         Ok(()) => Ok(()),
@@ -419,6 +416,7 @@ impl LocalQueue {
             sync_dir(&shared.queue_dir)?;
             sync_dir(&shared.corrupt_dir)?;
         }
+        shared.sync_mode = options.sync;
         shared.queue_dir_handle = Some(
             File::open(&shared.queue_dir)
                 .map_err(|e| QueueError::io("open directory", &shared.queue_dir, e))?,
@@ -483,6 +481,7 @@ impl LocalQueue {
         IoCounters {
             enqueued: self.shared.enqueued.load(Ordering::Relaxed),
             file_syncs: self.shared.file_syncs.load(Ordering::Relaxed),
+            fs_syncs: self.shared.fs_syncs.load(Ordering::Relaxed),
             dir_syncs: self.shared.dir_syncs.load(Ordering::Relaxed),
             batches: self.shared.batches.load(Ordering::Relaxed),
         }
@@ -508,18 +507,23 @@ fn committer_gone<T>(_: T) -> QueueError {
 #[async_trait::async_trait]
 impl Queue for LocalQueue {
     async fn enqueue(&self, message: StoredMessage) -> Result<(), QueueError> {
-        let tx = self.sender("enqueue")?.clone();
+        let tx = self.sender("enqueue")?;
         let id = message.envelope.id;
         if self.shared.index().contains(id) {
             return Err(QueueError::Duplicate(id));
         }
         let encoded = format::encode(&message)?;
-        let shared = Arc::clone(&self.shared);
-        let committed = tokio::task::spawn_blocking(move || {
-            shared.write_entry(&message, &encoded.head, &encoded.trailer, &tx)
+        let (reply, committed) = oneshot::channel();
+        let summary = EntrySummary::of(&message.envelope, message.body.len() as u64);
+        // Once sent, the write completes even if this future is dropped.
+        tx.send(Op::Insert {
+            id,
+            summary,
+            encoded,
+            body: message.body,
+            reply,
         })
-        .await
-        .map_err(join_error)??;
+        .map_err(committer_gone)?;
         committed.await.map_err(committer_gone)??;
         self.shared.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
