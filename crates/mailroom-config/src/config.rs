@@ -7,6 +7,8 @@ use std::net::{AddrParseError, Ipv4Addr, SocketAddr};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::HumanDuration;
+
 use crate::listener::ListenerSpec;
 
 /// A whole Mailroom configuration.
@@ -81,27 +83,34 @@ pub struct QueueSpec {
     /// An on-disk queue in a local directory, for `mailroom serve` and tests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalQueueSpec>,
+    /// NATS JetStream: the shared, durable queue between inbound pods and outbound workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jetstream: Option<JetStreamQueueSpec>,
 }
 
 impl Default for QueueSpec {
     fn default() -> Self {
         Self {
             local: Some(LocalQueueSpec::default()),
+            jetstream: None,
         }
     }
 }
 
 impl QueueSpec {
     /// Every backend, as spelled in the configuration.
-    pub const BACKENDS: &'static [&'static str] = &["local"];
+    pub const BACKENDS: &'static [&'static str] = &["local", "jetstream"];
 
     /// The names of the backends that are set; validation requires exactly one.
     pub(crate) fn backends_set(&self) -> Vec<&'static str> {
-        let Self { local } = self; // a new field fails to compile here: add it below
-        [("local", local.is_some())]
-            .into_iter()
-            .filter_map(|(name, set)| set.then_some(name))
-            .collect()
+        let Self { local, jetstream } = self; // a new field fails to compile here: add it below
+        [
+            ("local", local.is_some()),
+            ("jetstream", jetstream.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
     }
 }
 
@@ -128,6 +137,90 @@ impl Default for LocalQueueSpec {
             sync: SpoolSync::default(),
         }
     }
+}
+
+/// The JetStream queue: where NATS is, how to authenticate, and the stream's layout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct JetStreamQueueSpec {
+    /// NATS server URLs, e.g. `nats://nats.mail.svc:4222`; several for a cluster. Default
+    /// `nats://127.0.0.1:4222`.
+    pub urls: Vec<String>,
+    /// A NATS credentials file (JWT + NKey seed), as made by `nsc`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<String>,
+    /// A file holding an NKey seed (`SU...`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nkey_seed_file: Option<String>,
+    /// A file holding the token for token authentication.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+    /// User name for user/password authentication (with `passwordFile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// A file holding the password of `user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// TLS to the NATS servers (rustls): custom CA and client certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NatsTlsSpec>,
+    /// Stream name. Default `MAILROOM`.
+    pub stream: String,
+    /// Stream replicas: 1, or 3 on a NATS cluster. Default 1.
+    pub replicas: u8,
+    /// Stream storage: `file` (default) or `memory` (tests only: lost on a NATS restart).
+    pub storage: StreamStorage,
+    /// Oldest message the stream keeps, a safety net above every policy's maxAge. Default 7d.
+    pub max_age: HumanDuration,
+    /// How long the inbound server waits for the publish acknowledgement before it answers
+    /// `451 4.3.0`. Default 10s.
+    pub publish_timeout: HumanDuration,
+}
+
+impl Default for JetStreamQueueSpec {
+    fn default() -> Self {
+        Self {
+            urls: vec!["nats://127.0.0.1:4222".to_owned()],
+            credentials_file: None,
+            nkey_seed_file: None,
+            token_file: None,
+            user: None,
+            password_file: None,
+            tls: None,
+            stream: "MAILROOM".to_owned(),
+            replicas: 1,
+            storage: StreamStorage::default(),
+            max_age: HumanDuration::from_secs(7 * 24 * 3600),
+            publish_timeout: HumanDuration::from_secs(10),
+        }
+    }
+}
+
+/// TLS settings for the connection to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct NatsTlsSpec {
+    /// PEM file of the CA that signed the NATS servers' certificates (default: system roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM client certificate, for servers that verify clients (with `keyFile`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM private key of `certFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+}
+
+/// Where the JetStream stream keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum StreamStorage {
+    /// On disk (durable).
+    #[default]
+    File,
+    /// In memory (lost when the NATS server restarts; for tests).
+    Memory,
 }
 
 /// How the local spool makes a batch of messages durable.

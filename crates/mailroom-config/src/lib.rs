@@ -18,7 +18,8 @@ pub mod syntax;
 mod validate;
 
 pub use config::{
-    Config, HttpSpec, LocalQueueSpec, LogFormat, LogSpec, QueueSpec, SpoolSync, system_hostname,
+    Config, HttpSpec, JetStreamQueueSpec, LocalQueueSpec, LogFormat, LogSpec, NatsTlsSpec,
+    QueueSpec, SpoolSync, StreamStorage, system_hostname,
 };
 pub use human::{ByteSize, HumanDuration, HumanError, Rate};
 pub use limits::{Limits, Timeouts};

@@ -400,7 +400,7 @@ log:
     assert_problem(
         &found,
         "queue",
-        "set exactly one queue backend (one of: local)",
+        "set exactly one queue backend (one of: local, jetstream)",
     );
 
     let err = load_str(yaml, "bad.yaml").unwrap_err();

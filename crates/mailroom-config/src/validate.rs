@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 
 use crate::Problem;
-use crate::config::{Config, HttpSpec, LogSpec, QueueSpec};
+use crate::config::{Config, HttpSpec, JetStreamQueueSpec, LogSpec, QueueSpec};
 use crate::human::HumanDuration;
 use crate::limits::{Limits, Timeouts};
 use crate::listener::{AuthSpec, ListenerMode, ListenerSpec, TlsSpec};
@@ -334,6 +334,82 @@ fn check_queue(queue: &QueueSpec, p: &mut Problems) {
             local.max_batch.into(),
             1..=65_536,
         );
+    }
+    if let Some(js) = &queue.jetstream {
+        check_jetstream(js, p);
+    }
+}
+
+fn check_jetstream(js: &JetStreamQueueSpec, p: &mut Problems) {
+    if js.urls.is_empty() {
+        p.push(
+            "queue.jetstream.urls",
+            "at least one NATS URL is required, e.g. nats://127.0.0.1:4222",
+        );
+    }
+    for (i, url) in js.urls.iter().enumerate() {
+        let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+            .iter()
+            .any(|s| url.starts_with(s));
+        if !scheme_ok
+            || url
+                .split_once("://")
+                .is_none_or(|(_, rest)| rest.is_empty())
+        {
+            p.push(
+                format!("queue.jetstream.urls[{i}]"),
+                format!("{url:?} is not a NATS URL: expected nats://host:port (or tls://, ws://, wss://)"),
+            );
+        }
+    }
+    let methods = [
+        js.credentials_file.is_some(),
+        js.nkey_seed_file.is_some(),
+        js.token_file.is_some(),
+        js.user.is_some() || js.password_file.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        p.push(
+            "queue.jetstream",
+            "set at most one authentication method: credentialsFile, nkeySeedFile, tokenFile, or user + passwordFile",
+        );
+    }
+    if js.user.is_some() != js.password_file.is_some() {
+        p.push(
+            "queue.jetstream.passwordFile",
+            "user and passwordFile go together",
+        );
+    }
+    if let Some(tls) = &js.tls
+        && tls.cert_file.is_some() != tls.key_file.is_some()
+    {
+        p.push("queue.jetstream.tls", "certFile and keyFile go together");
+    }
+    if !js
+        .stream
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        || js.stream.is_empty()
+    {
+        p.push(
+            "queue.jetstream.stream",
+            format!(
+                "{:?}: a stream name uses letters, digits, '-' and '_' only",
+                js.stream
+            ),
+        );
+    }
+    if !matches!(js.replicas, 1 | 3) {
+        p.push(
+            "queue.jetstream.replicas",
+            format!("{}: use 1, or 3 on a NATS cluster", js.replicas),
+        );
+    }
+    if js.publish_timeout.is_zero() {
+        p.push("queue.jetstream.publishTimeout", "must be above 0s");
+    }
+    if js.max_age.is_zero() {
+        p.push("queue.jetstream.maxAge", "must be above 0s");
     }
 }
 

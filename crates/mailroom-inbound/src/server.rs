@@ -35,6 +35,8 @@ pub struct Shutdown {
 pub struct Listener {
     ctx: Arc<ListenerContext>,
     tcp: TcpListener,
+    /// The bound address unless it is a wildcard (0.0.0.0 / ::).
+    fixed_local: Option<SocketAddr>,
     reload_every: Option<Duration>,
 }
 
@@ -59,9 +61,11 @@ impl Listener {
         metrics::MESSAGES_ACCEPTED.with_label_values(&[&spec.name]);
         metrics::SESSIONS_ACTIVE.with_label_values(&[&spec.name]);
         metrics::CONNECTIONS.with_label_values(&[&spec.name, "accepted"]);
+        let fixed_local = tcp.local_addr().ok().filter(|a| !a.ip().is_unspecified());
         Ok(Listener {
             ctx: Arc::new(ctx),
             tcp,
+            fixed_local,
             reload_every,
         })
     }
@@ -103,7 +107,7 @@ impl Listener {
             };
             let ctx = Arc::clone(&self.ctx);
             let sd = shutdown.clone();
-            tracker.spawn(handle_connection(stream, peer, ctx, sd));
+            tracker.spawn(handle_connection(stream, peer, self.fixed_local, ctx, sd));
         }
         // Close the socket now: new connections are refused (the sender tries another MX)
         // instead of waiting unanswered while open sessions finish.
@@ -121,6 +125,7 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, r: Reply) {
 async fn handle_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    fixed_local: Option<SocketAddr>,
     ctx: Arc<ListenerContext>,
     shutdown: Shutdown,
 ) {
@@ -141,7 +146,8 @@ async fn handle_connection(
         .await;
         return;
     };
-    let local = stream.local_addr().unwrap_or(peer);
+    // A listener bound to one address knows its local address; only a wildcard bind asks.
+    let local = fixed_local.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
     let (client, prefix) = if ctx.proxy_protocol {
         match tokio::time::timeout(ctx.timeouts.tls_handshake, read_proxy_header(&mut stream)).await
         {

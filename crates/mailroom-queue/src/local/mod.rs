@@ -194,7 +194,7 @@ impl Shared {
                     QueueError::io("create", &tmp, e)
                 }
             })?;
-        let written = parts.iter().try_for_each(|part| file.write_all(part));
+        let written = write_all_vectored(&mut file, parts);
         if let Err(e) = written {
             drop(file);
             let _ = std::fs::remove_file(&tmp);
@@ -327,6 +327,22 @@ impl Shared {
 }
 
 /// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
+/// Writes every part with as few `writev(2)` calls as the kernel allows (one, normally).
+fn write_all_vectored(file: &mut File, parts: [&[u8]; 3]) -> io::Result<()> {
+    let mut slices = parts.map(io::IoSlice::new);
+    let mut slices: &mut [io::IoSlice<'_>] = &mut slices;
+    io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
