@@ -484,3 +484,20 @@ async fn access_plugin_refuses_denied_clients_and_senders() {
 }
 
 fn _assert_client_is_generic(_: Client<tokio::io::DuplexStream>) {}
+
+#[tokio::test]
+async fn total_connection_limit() {
+    let mut s = spec();
+    s.limits.max_connections = 2;
+    let server = TestServer::start(s).await;
+    let _a = server.session().await;
+    let b = server.session().await;
+    let mut c = server.connect().await;
+    c.expect("421 4.7.0").await;
+    assert!(c.closed().await);
+    // A freed slot is usable again.
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut d = server.session().await;
+    d.cmd("NOOP", "250").await;
+}
