@@ -2,7 +2,7 @@
 CARGO ?= cargo
 FUZZ_SECONDS ?= 15
 
-.PHONY: run test deps lint unit integration python fuzz-smoke bench
+.PHONY: run test deps tools lint unit integration python fuzz-smoke bench
 
 ## Build and run `mailroom serve` on the embedded default config (config/mailroom.yaml).
 run:
@@ -14,6 +14,10 @@ test: deps lint unit python fuzz-smoke
 
 deps:
 	@./scripts/test-deps.sh
+
+## Build the test binaries (nats-server, ...) into ~/.cache/mailroom/tools.
+tools:
+	@./e2e/tools/build.sh >/dev/null
 
 lint:
 	@echo "== cargo fmt --check, clippy -D warnings"

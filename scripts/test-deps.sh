@@ -30,4 +30,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   say "installing cargo-fuzz"
   cargo install -q cargo-fuzz --locked
 fi
+# Servers the integration tests run (nats-server; later kube-apiserver, etcd, helm), built from
+# the Go module proxy into ~/.cache/mailroom/tools and reused across clones (e2e/tools/README.md).
+say "test binaries (e2e/tools/build.sh)"
+./e2e/tools/build.sh >/dev/null
+
 say "test dependencies ready"

@@ -27,6 +27,10 @@ pub enum QueueError {
         /// What check failed.
         reason: String,
     },
+    /// The backend's options are invalid (bad URL, unreadable credentials file, incompatible
+    /// existing stream, ...): retrying will not help until the configuration is fixed.
+    #[error("queue: invalid configuration: {0}")]
+    Config(String),
     /// The backend cannot serve the request now (shutting down, earlier fsync failure, ...).
     #[error("queue unavailable: {0}")]
     Unavailable(String),

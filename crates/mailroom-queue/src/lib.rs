@@ -10,7 +10,8 @@
 //! Backends:
 //! - [`local`]: the embedded on-disk spool of `mailroom serve` (one file per message, write to
 //!   `tmp/`, fdatasync, rename into `queue/`, one group-committed directory fsync per batch).
-//! - `jetstream` (NATS, the cluster queue): next issue.
+//! - [`jetstream`]: NATS JetStream, the shared queue of the cluster (one work-queue stream, one
+//!   entry per destination domain, large bodies in an Object Store bucket).
 //!
 //! # Design note: what comes next
 //!
@@ -28,10 +29,14 @@
 //!   pipeline and group commit as `enqueue`, and a due-time index sits next to the age index.
 //! - **expiry**: the policy's maximum queue lifetime is checked by the worker against
 //!   [`Envelope::received_at_ms`]; an expired message is bounced and acked.
-//! - **jetstream backend**: one stream with work-queue retention, subjects carrying
-//!   [`Envelope::policy`] and the recipient domain, [`QueueId`] as `Nats-Msg-Id`.
+//! - **jetstream backend** (reception side done, see [`jetstream`]): one stream with work-queue
+//!   retention, one entry per message and destination domain on `mailroom.q.<policy>.<domain>`,
+//!   `<queue id>.<domain>` as `Nats-Msg-Id`. Consequence for the trait: the unit a worker leases,
+//!   acks and defers is one *domain entry* (queue id + domain), not the whole message; the local
+//!   backend can lease whole messages and present them per domain.
 //! - **one contract**: `contract` (feature `testing`) holds the backend-independent test-suite,
-//!   generic over a `contract::Backend` factory; each backend runs it from `tests/contract.rs`.
+//!   generic over a `contract::Backend` factory; `tests/contract.rs` runs it for `local`,
+//!   `tests/jetstream_contract.rs` for `jetstream` (real nats-servers from `mailroom-testkit`).
 //!   The lease/ack/defer checks join it with the trait methods.
 //!
 //! The envelope is stored as JSON, so new optional fields (attempts, next attempt, per-recipient
@@ -39,6 +44,7 @@
 
 mod error;
 mod id;
+pub mod jetstream;
 pub mod local;
 mod model;
 

@@ -1,1 +1,38 @@
-//! placeholder
+//! Dev-only test harness for Mailroom: starts real third-party servers on loopback for
+//! integration and fault tests, and stops them again when the handle is dropped.
+//!
+//! * [`NatsServer`]: one `nats-server` with JetStream in its own temp dir, on free loopback
+//!   ports, with `stop`, `kill` (SIGKILL) and `restart` on the same ports and store dir.
+//! * [`NatsCluster`]: N routed `nats-server` nodes with clustered JetStream; kill and restart
+//!   single nodes.
+//!
+//! The binaries are not downloaded at test time. `e2e/tools/build.sh` builds them once from the
+//! Go module proxy into `${MAILROOM_TOOLS_DIR:-~/.cache/mailroom/tools}/<tool>-<version>/bin/`,
+//! and [`nats_server_binary`] finds them there (or through `MAILROOM_NATS_SERVER`, or on `PATH`).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), mailroom_testkit::TestkitError> {
+//! let mut nats = mailroom_testkit::NatsServer::start()?;
+//! let url = nats.url(); // nats://127.0.0.1:<port>
+//! nats.restart()?; // same port, same JetStream store
+//! # let _ = url;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every server writes its config, log and store under a temp dir that is removed on drop; set
+//! `MAILROOM_TESTKIT_KEEP=1` to keep it (the path is printed to stderr) when debugging a test.
+
+mod binary;
+mod error;
+mod nats;
+mod nats_cluster;
+mod net;
+mod process;
+
+pub use binary::{
+    NATS_SERVER_ENV, TOOLS_DIR_ENV, default_tools_dir, nats_server_binary, pinned_nats_version,
+};
+pub use error::{Result, TestkitError};
+pub use nats::{NatsServer, NatsServerBuilder};
+pub use nats_cluster::{NatsCluster, NatsClusterBuilder};

@@ -2,6 +2,7 @@
 //! `check` validates a config; `queue` inspects the local spool. This is the edge where errors
 //! become `anyhow` messages for a person.
 
+mod backend;
 mod queue_cmd;
 mod serve;
 

@@ -1,13 +1,13 @@
-//! `mailroom queue stats|list|show ID`: read-only views of the local spool, safe while a
-//! server runs.
+//! `mailroom queue stats|list|show ID`: read-only views of the queue: the local spool (safe
+//! while a server runs) or the JetStream stream named by `queue.jetstream`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use mailroom_queue::local::LocalQueue;
-use mailroom_queue::{Queue, QueueId};
+use mailroom_queue::QueueId;
 
+use crate::backend::open_queue;
 use crate::load_config;
 
 /// What to show.
@@ -40,25 +40,15 @@ pub fn run(
     spool: Option<PathBuf>,
     action: QueueAction,
 ) -> anyhow::Result<()> {
-    let spool = match spool {
-        Some(s) => s,
-        None => {
-            let c = load_config(config)?;
-            PathBuf::from(
-                c.queue
-                    .local
-                    .context("queue.local: no local spool configured; pass --spool")?
-                    .path,
-            )
-        }
+    let queue_spec = match (&spool, config) {
+        (Some(_), None) => mailroom_config::QueueSpec::default(),
+        _ => load_config(config)?.queue,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let q = LocalQueue::open_read_only(&spool)
-            .await
-            .with_context(|| format!("{}: cannot open the spool", spool.display()))?;
+        let q = open_queue(&queue_spec, spool.as_deref(), true).await?;
         match action {
             QueueAction::Stats => {
                 let s = q.stats().await?;
@@ -91,7 +81,7 @@ pub fn run(
                 let m = q
                     .get(qid)
                     .await?
-                    .with_context(|| format!("no message {id} in {}", spool.display()))?;
+                    .with_context(|| format!("no message {id} in the {} queue", q.backend()))?;
                 println!("{}", serde_json::to_string_pretty(&m.envelope)?);
                 println!();
                 print!("{}", String::from_utf8_lossy(&m.body));

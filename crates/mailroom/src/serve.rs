@@ -8,11 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use mailroom_config::Config;
 use mailroom_inbound::{InboundDeps, Listener, Shutdown};
-use mailroom_queue::Queue;
-use mailroom_queue::local::{LocalOptions, LocalQueue, SyncMode};
 use mailroom_telemetry::{DeliveryLog, LogFormat, Readiness, init_tracing, serve_http};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::open_queue;
 use crate::load_config;
 
 /// Raises the open-files limit to the hard limit: every connection is a descriptor.
@@ -64,23 +63,7 @@ pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let local = config
-        .queue
-        .local
-        .clone()
-        .context("queue.local: the embedded queue needs a local spool")?;
-    let sync = match local.sync {
-        mailroom_config::SpoolSync::Filesystem => SyncMode::Filesystem,
-        mailroom_config::SpoolSync::File => SyncMode::File,
-    };
-    let options = LocalOptions {
-        max_batch: local.max_batch as usize,
-        sync,
-    };
-    let queue = LocalQueue::open(&local.path, options)
-        .await
-        .with_context(|| format!("queue.local.path {}: cannot open the spool", local.path))?;
-    let queue: Arc<dyn Queue> = Arc::new(queue);
+    let queue = open_queue(&config.queue, None, false).await?;
     let delivery_log = DeliveryLog::open(config.log.delivery_log.as_deref().map(Path::new))?;
     let deps = InboundDeps {
         queue: Arc::clone(&queue),
@@ -121,7 +104,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map(|l| tokio::spawn(l.run(shutdown.clone())))
         .collect();
     ready.store(true, Ordering::Release);
-    tracing::info!(spool = %local.path, "mailroom serve ready");
+    tracing::info!(queue = queue.backend(), "mailroom serve ready");
 
     wait_for_signal().await;
     ready.store(false, Ordering::Release);
