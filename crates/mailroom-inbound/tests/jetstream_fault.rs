@@ -16,6 +16,11 @@ use mailroom_telemetry::DeliveryLog;
 use mailroom_testkit::{NatsCluster, NatsServer};
 use tokio::net::TcpStream;
 
+/// Messages that got 250: (queue id, body).
+type Acked = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+/// Messages that got 250, with the time of the reply.
+type AckedAt = Arc<Mutex<Vec<(Instant, String, Vec<u8>)>>>;
+
 const CLIENTS: usize = 8;
 const PER_CLIENT: usize = 40;
 
@@ -73,7 +78,7 @@ async fn killing_a_nats_node_loses_no_acknowledged_message() {
     let shutdown = Shutdown::default();
     let server = tokio::spawn(listener.run(shutdown.clone()));
 
-    let acked: Arc<Mutex<Vec<(String, Vec<u8>)>>> = Arc::default();
+    let acked: Acked = Arc::default();
     let refused: Arc<Mutex<Vec<usize>>> = Arc::default();
     let mut clients = Vec::new();
     for k in 0..CLIENTS {
@@ -187,7 +192,7 @@ async fn while_nats_is_stopped_clients_get_451_never_250() {
     let server = tokio::spawn(listener.run(shutdown.clone()));
 
     // (time of the 250, queue id, body) and the times of the 4xx replies.
-    let acked: Arc<Mutex<Vec<(Instant, String, Vec<u8>)>>> = Arc::default();
+    let acked: AckedAt = Arc::default();
     let refused: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let stop_sending = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut clients = Vec::new();
