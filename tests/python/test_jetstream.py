@@ -146,3 +146,16 @@ def test_check_names_jetstream_fields(tmp_path):
     assert p.returncode == 1
     assert "queue.jetstream.urls[0]" in p.stderr, p.stderr
     assert "queue.jetstream.replicas" in p.stderr, p.stderr
+
+
+def test_queue_delete_removes_every_entry(mailroom_factory, nats):
+    server = jetstream_server(mailroom_factory, nats)
+    code, resp = send(server.port(), ["a@example.test", "b@other.test"])
+    assert code == 250, resp
+    qid = resp.rsplit(" ", 1)[-1]
+    assert server.queue_stats()["messages"] == 1
+    p = server.queue_cli("delete", qid)
+    assert f"deleted {qid}" in p.stdout.decode()
+    assert server.queue_stats()["messages"] == 0
+    again = server.queue_cli("delete", qid, check=False)
+    assert again.returncode == 1 and "no message" in again.stderr.decode()

@@ -566,3 +566,48 @@ async fn cluster_failover_keeps_every_acknowledged_message() {
         acknowledged.len() as u64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    use mailroom_queue::jetstream::NatsTls;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .expect("self-signed certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let server = nats(NatsServer::builder().tls(&cert, &key));
+    let options = |ca_file: Option<std::path::PathBuf>| JetStreamOptions {
+        urls: vec![server.url()],
+        tls: Some(NatsTls {
+            ca_file,
+            ..NatsTls::default()
+        }),
+        publish_timeout: Duration::from_secs(2),
+        ..JetStreamOptions::default()
+    };
+
+    let queue = JetStreamQueue::connect(options(Some(cert.clone())))
+        .await
+        .expect("connect over TLS");
+    assert!(queue.is_ready(), "ready over TLS with the private CA");
+    let message = contract::message("a@example.org", &["x@one.example"]);
+    queue
+        .enqueue(message.clone())
+        .await
+        .expect("enqueue over TLS");
+    assert_eq!(
+        queue.get(message.envelope.id).await.expect("get"),
+        Some(message)
+    );
+
+    let untrusted = JetStreamQueue::connect(options(None))
+        .await
+        .expect("an untrusted server is not a start-up error");
+    assert!(
+        !untrusted.is_ready(),
+        "never ready when the server certificate is not trusted"
+    );
+}

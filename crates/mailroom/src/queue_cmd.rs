@@ -26,6 +26,17 @@ pub enum QueueAction {
         /// Queue id (ULID).
         id: String,
     },
+    /// Remove a message for good (every destination entry and its body). The local spool
+    /// allows this only while no server holds it.
+    Delete {
+        /// Queue id (ULID).
+        id: String,
+    },
+}
+
+fn parse_id(id: &str) -> anyhow::Result<QueueId> {
+    id.parse()
+        .map_err(|_| anyhow::anyhow!("{id:?} is not a queue id (a ULID)"))
 }
 
 fn millis_to_rfc3339(ms: u64) -> String {
@@ -48,7 +59,8 @@ pub fn run(
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let q = open_queue(&queue_spec, spool.as_deref(), true).await?;
+        let writes = matches!(action, QueueAction::Delete { .. });
+        let q = open_queue(&queue_spec, spool.as_deref(), !writes).await?;
         match action {
             QueueAction::Stats => {
                 let s = q.stats().await?;
@@ -75,9 +87,7 @@ pub fn run(
                 }
             }
             QueueAction::Show { id } => {
-                let qid: QueueId = id
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("{id:?} is not a queue id (a ULID)"))?;
+                let qid = parse_id(&id)?;
                 let m = q
                     .get(qid)
                     .await?
@@ -85,6 +95,12 @@ pub fn run(
                 println!("{}", serde_json::to_string_pretty(&m.envelope)?);
                 println!();
                 print!("{}", String::from_utf8_lossy(&m.body));
+            }
+            QueueAction::Delete { id } => {
+                if !q.delete(parse_id(&id)?).await? {
+                    anyhow::bail!("no message {id} in the {} queue", q.backend());
+                }
+                println!("deleted {id}");
             }
         }
         Ok(())
