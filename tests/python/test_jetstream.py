@@ -159,3 +159,34 @@ def test_queue_delete_removes_every_entry(mailroom_factory, nats):
     assert server.queue_stats()["messages"] == 0
     again = server.queue_cli("delete", qid, check=False)
     assert again.returncode == 1 and "no message" in again.stderr.decode()
+
+
+def test_inbound_needs_the_cluster_queue_and_serves_with_it(tmp_path, nats):
+    from conftest import MAILROOM_BIN
+    local = tmp_path / "local.yaml"
+    local.write_text("listeners:\n- name: smtp\n  address: 127.0.0.1:0\n  acceptedDomains: [example.test]\n")
+    p = subprocess.run([MAILROOM_BIN, "inbound", "--config", str(local)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1 and "queue.jetstream" in p.stderr, p.stderr
+
+    smtp, http = free_port(), free_port()
+    cfg = tmp_path / "inbound.yaml"
+    cfg.write_text(
+        f"listeners:\n- name: smtp\n  address: 127.0.0.1:{smtp}\n  acceptedDomains: [example.test]\n"
+        f"queue:\n  jetstream:\n    urls: [\"{nats.url}\"]\nhttp:\n  address: 127.0.0.1:{http}\n"
+        f"log:\n  deliveryLog: {tmp_path / 'delivery.jsonl'}\n"
+    )
+    proc = subprocess.Popen([MAILROOM_BIN, "inbound", "--config", str(cfg)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.1)
+        code, resp = send(smtp, ["a@example.test"])
+        assert code == 250, resp
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0

@@ -27,6 +27,12 @@ enum Command {
         #[arg(long, short, env = "MAILROOM_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Run the inbound listeners of a pod against the cluster queue (queue.jetstream).
+    Inbound {
+        /// Config file (rendered by the operator into the pod's ConfigMap).
+        #[arg(long, short, env = "MAILROOM_CONFIG")]
+        config: PathBuf,
+    },
     /// Validate a config file (syntax, fields, TLS files, users file, plugins) and exit.
     Check {
         /// Config file; without it the embedded default is checked.
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve::run(config.as_deref()),
+        Command::Inbound { config } => serve::run_inbound(&config),
         Command::Check { config } => serve::check(config.as_deref()),
         Command::Queue {
             config,

@@ -46,9 +46,25 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mailroom inbound`: the listeners of an inbound pod; the queue must be the cluster's.
+pub fn run_inbound(path: &Path) -> anyhow::Result<()> {
+    let config = load_config(Some(path))?;
+    if config.queue.jetstream.is_none() {
+        anyhow::bail!(
+            "{}: queue.jetstream: `mailroom inbound` runs in a pod and needs the cluster queue; \
+             set queue.jetstream, or use `mailroom serve` for the local spool",
+            path.display()
+        );
+    }
+    start(config)
+}
+
 /// Runs the listeners and the embedded queue until SIGINT or SIGTERM.
 pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
-    let config = load_config(path)?;
+    start(load_config(path)?)
+}
+
+fn start(config: Config) -> anyhow::Result<()> {
     let format = match config.log.format {
         mailroom_config::LogFormat::Json => LogFormat::Json,
         _ => LogFormat::Text,
