@@ -8,11 +8,9 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Client, spec};
-use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use common::{Client, serve, spec};
 use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
 use mailroom_queue::{Queue, QueueId};
-use mailroom_telemetry::DeliveryLog;
 use mailroom_testkit::{NatsCluster, NatsServer};
 use tokio::net::TcpStream;
 
@@ -65,18 +63,7 @@ async fn killing_a_nats_node_loses_no_acknowledged_message() {
             .await
             .expect("connect to the cluster"),
     );
-    let deps = InboundDeps {
-        queue: Arc::clone(&queue) as Arc<dyn Queue>,
-        delivery_log: DeliveryLog::discard(),
-        hostname: "mx.test".into(),
-        policy: "default".into(),
-    };
-    let listener = Listener::bind(&spec(), "listeners[0]", &deps)
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = Shutdown::default();
-    let server = tokio::spawn(listener.run(shutdown.clone()));
+    let (addr, shutdown, server) = serve(spec(), Arc::clone(&queue) as Arc<dyn Queue>).await;
 
     let acked: Acked = Arc::default();
     let refused: Arc<Mutex<Vec<usize>>> = Arc::default();
@@ -178,18 +165,7 @@ async fn while_nats_is_stopped_clients_get_451_never_250() {
         ..JetStreamOptions::default()
     };
     let queue = Arc::new(JetStreamQueue::connect(options).await.expect("connect"));
-    let deps = InboundDeps {
-        queue: Arc::clone(&queue) as Arc<dyn Queue>,
-        delivery_log: DeliveryLog::discard(),
-        hostname: "mx.test".into(),
-        policy: "default".into(),
-    };
-    let listener = Listener::bind(&spec(), "listeners[0]", &deps)
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let shutdown = Shutdown::default();
-    let server = tokio::spawn(listener.run(shutdown.clone()));
+    let (addr, shutdown, server) = serve(spec(), Arc::clone(&queue) as Arc<dyn Queue>).await;
 
     // (time of the 250, queue id, body) and the times of the 4xx replies.
     let acked: AckedAt = Arc::default();

@@ -43,6 +43,27 @@ pub fn plugins(list_yaml: &str) -> Vec<mailroom_config::PluginSpec> {
     config.listeners.remove(0).plugins
 }
 
+/// Binds `spec` with `queue` behind it and runs the listener; returns its address, its
+/// shutdown handle and its task.
+pub async fn serve(
+    spec: ListenerSpec,
+    queue: Arc<dyn Queue>,
+) -> (SocketAddr, Shutdown, tokio::task::JoinHandle<()>) {
+    let deps = InboundDeps {
+        queue,
+        delivery_log: DeliveryLog::discard(),
+        hostname: "mx.test".into(),
+        policy: "default".into(),
+    };
+    let listener = Listener::bind(&spec, "listeners[0]", &deps)
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = Shutdown::default();
+    let task = tokio::spawn(listener.run(shutdown.clone()));
+    (addr, shutdown, task)
+}
+
 impl TestServer {
     pub async fn start(spec: ListenerSpec) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -57,18 +78,7 @@ impl TestServer {
             .await
             .expect("open spool"),
         );
-        let deps = InboundDeps {
-            queue: Arc::clone(&queue) as Arc<dyn Queue>,
-            delivery_log: DeliveryLog::discard(),
-            hostname: "mx.test".into(),
-            policy: "default".into(),
-        };
-        let listener = Listener::bind(&spec, "listeners[0]", &deps)
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let shutdown = Shutdown::default();
-        let task = tokio::spawn(listener.run(shutdown.clone()));
+        let (addr, shutdown, task) = serve(spec, Arc::clone(&queue) as Arc<dyn Queue>).await;
         TestServer {
             addr,
             queue,
