@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use mailroom_config::ListenerSpec;
 use mailroom_plugins::SessionInfo;
-use mailroom_smtp::Reply;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -117,7 +116,17 @@ impl Listener {
     }
 }
 
-async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, r: Reply) {
+/// Counts a refused connection under `result` and closes it with `421 4.7.0 <text>`.
+async fn refuse<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    ctx: &ListenerContext,
+    result: &str,
+    text: &str,
+) {
+    metrics::CONNECTIONS
+        .with_label_values(&[&ctx.name, result])
+        .inc();
+    let r = reply(421, (4, 7, 0), format!("{} {text}", ctx.hostname));
     let _ = stream.write_all(&r.to_bytes()).await;
     let _ = stream.shutdown().await;
 }
@@ -132,16 +141,11 @@ async fn handle_connection(
     let _ = stream.set_nodelay(true);
     let name = ctx.name.clone();
     let Some(_total) = ctx.connections.try_total(ctx.limits.max_connections) else {
-        metrics::CONNECTIONS
-            .with_label_values(&[&name, "limit_total"])
-            .inc();
         refuse(
             &mut stream,
-            reply(
-                421,
-                (4, 7, 0),
-                format!("{} Too many connections; try again later", ctx.hostname),
-            ),
+            &ctx,
+            "limit_total",
+            "Too many connections; try again later",
         )
         .await;
         return;
@@ -152,17 +156,15 @@ async fn handle_connection(
         match tokio::time::timeout(ctx.timeouts.tls_handshake, read_proxy_header(&mut stream)).await
         {
             Ok(Ok((client, rest))) => (client.unwrap_or(peer), rest),
-            Ok(Err(e)) => {
+            outcome => {
                 metrics::CONNECTIONS
                     .with_label_values(&[&name, "proxy_error"])
                     .inc();
-                tracing::info!(listener = %name, peer = %peer, error = %e, "PROXY header refused");
-                return;
-            }
-            Err(_) => {
-                metrics::CONNECTIONS
-                    .with_label_values(&[&name, "proxy_error"])
-                    .inc();
+                let why = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no complete header in time".to_string(),
+                };
+                tracing::info!(listener = %name, peer = %peer, error = %why, "PROXY header refused");
                 return;
             }
         }
@@ -173,16 +175,11 @@ async fn handle_connection(
         .connections
         .try_ip(client.ip(), ctx.limits.max_connections_per_ip)
     else {
-        metrics::CONNECTIONS
-            .with_label_values(&[&name, "limit_per_ip"])
-            .inc();
         refuse(
             &mut stream,
-            reply(
-                421,
-                (4, 7, 0),
-                format!("{} Too many connections from your address", ctx.hostname),
-            ),
+            &ctx,
+            "limit_per_ip",
+            "Too many connections from your address",
         )
         .await;
         return;
