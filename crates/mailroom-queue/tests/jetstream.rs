@@ -611,3 +611,44 @@ async fn tls_with_a_private_ca() {
         "never ready when the server certificate is not trusted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nkey_auth() {
+    use mailroom_queue::jetstream::NatsAuth;
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().expect("seed");
+    let server = nats(NatsServer::builder().extra_config(format!(
+        "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}",
+        user.public_key()
+    )));
+    let options = |auth: NatsAuth| JetStreamOptions {
+        urls: vec![server.url()],
+        auth,
+        publish_timeout: Duration::from_secs(1),
+        ..JetStreamOptions::default()
+    };
+    let queue = JetStreamQueue::connect(options(NatsAuth::NkeySeed(seed.clone())))
+        .await
+        .expect("connect with an nkey");
+    assert!(queue.is_ready());
+    let message = contract::message("a@example.org", &["x@one.example"]);
+    queue
+        .enqueue(message.clone())
+        .await
+        .expect("enqueue with an nkey");
+    assert_eq!(
+        queue.get(message.envelope.id).await.expect("get"),
+        Some(message.clone())
+    );
+    assert!(
+        !format!("{:?}", queue.options().auth).contains(&seed),
+        "Debug redacts the seed"
+    );
+
+    let stranger = nkeys::KeyPair::new_user().seed().expect("seed");
+    let wrong = JetStreamQueue::connect(options(NatsAuth::NkeySeed(stranger)))
+        .await
+        .expect("an unknown nkey is not a start-up error");
+    assert!(!wrong.is_ready(), "an unknown nkey never gets ready");
+    assert!(wrong.enqueue(message).await.is_err());
+}
