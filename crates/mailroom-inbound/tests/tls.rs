@@ -101,15 +101,7 @@ async fn starttls_discards_pipelined_plaintext() {
     t.cmd("RCPT TO:<r@example.test>", "250").await;
     t.cmd("DATA", "354").await;
     t.send(b"Subject: tls\r\n\r\nsecret\r\n.\r\n").await;
-    let r = t.expect("250 2.0.0 Ok: queued as ").await;
-    let id = r
-        .trim_start_matches("250 2.0.0 Ok: queued as ")
-        .parse()
-        .expect("id");
-    let m = mailroom_queue::Queue::get(server.queue.as_ref(), id)
-        .await
-        .expect("get")
-        .expect("stored");
+    let m = server.stored_after(&mut t).await;
     assert!(String::from_utf8_lossy(&m.body).contains("with ESMTPS id"));
     drop(pki.dir);
 }
@@ -163,15 +155,7 @@ async fn submission_requires_auth_and_gets_message_id_and_date() {
     t.cmd("RCPT TO:<friend@faraway.test>", "250").await;
     t.cmd("DATA", "354").await;
     t.send(b"Subject: no ids\r\n\r\nbody\r\n.\r\n").await;
-    let r = t.expect("250 2.0.0 Ok: queued as ").await;
-    let id = r
-        .trim_start_matches("250 2.0.0 Ok: queued as ")
-        .parse()
-        .expect("id");
-    let m = mailroom_queue::Queue::get(server.queue.as_ref(), id)
-        .await
-        .expect("get")
-        .expect("stored");
+    let m = server.stored_after(&mut t).await;
     let text = String::from_utf8_lossy(&m.body);
     assert!(text.contains("\r\nDate: "), "{text}");
     assert!(text.contains("\r\nMessage-ID: <"), "{text}");

@@ -276,27 +276,22 @@ impl<S: SmtpStream> Session<S> {
                 self.ctx.plugins.queued(&self.info, &tx, &id_text).await;
                 self.send_ok(reply(250, (2, 0, 0), format!("Ok: queued as {id_text}")));
             }
-            Ok(Err(e)) => {
-                tracing::error!(listener = %name, queue_id = %id_text, error = %e, "enqueue failed; answered 451");
+            failed => {
+                let (reason, text) = match failed {
+                    Ok(Err(e)) => (
+                        e.to_string(),
+                        "Queue temporarily unavailable; try again later",
+                    ),
+                    _ => (
+                        "no answer in time".to_string(),
+                        "Queue did not answer in time; try again later",
+                    ),
+                };
+                tracing::error!(listener = %name, queue_id = %id_text, error = %reason, "enqueue failed; answered 451");
                 metrics::MESSAGES_REJECTED
                     .with_label_values(&[&name, "queue_error"])
                     .inc();
-                self.send_ok(reply(
-                    451,
-                    (4, 3, 0),
-                    "Queue temporarily unavailable; try again later",
-                ));
-            }
-            Err(_) => {
-                tracing::error!(listener = %name, queue_id = %id_text, "enqueue timed out; answered 451");
-                metrics::MESSAGES_REJECTED
-                    .with_label_values(&[&name, "queue_error"])
-                    .inc();
-                self.send_ok(reply(
-                    451,
-                    (4, 3, 0),
-                    "Queue did not answer in time; try again later",
-                ));
+                self.send_ok(reply(451, (4, 3, 0), text));
             }
         }
         Flow::Continue

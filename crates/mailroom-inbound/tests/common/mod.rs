@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use mailroom_config::ListenerSpec;
 use mailroom_inbound::{InboundDeps, Listener, Shutdown};
-use mailroom_queue::Queue;
 use mailroom_queue::local::{LocalOptions, LocalQueue};
+use mailroom_queue::{Queue, StoredMessage};
 use mailroom_telemetry::DeliveryLog;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -98,6 +98,23 @@ impl TestServer {
         let mut c = self.connect().await;
         c.expect("220 mx.test").await;
         c
+    }
+
+    /// Reads the `250 ... queued as ID` reply on `c` and returns the stored message.
+    pub async fn stored_after<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        c: &mut Client<S>,
+    ) -> StoredMessage {
+        let r = c.expect("250 2.0.0 Ok: queued as ").await;
+        let id = r
+            .trim_start_matches("250 2.0.0 Ok: queued as ")
+            .parse()
+            .expect("queue id in the reply");
+        self.queue
+            .get(id)
+            .await
+            .expect("get")
+            .expect("the message is stored")
     }
 
     pub async fn queued(&self) -> u64 {
