@@ -15,13 +15,17 @@
 //! The checks panic with a message on failure (they are test code). Helpers to build messages
 //! ([`message`], [`envelope`]) are public for other crates' tests too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::{Envelope, Queue, QueueId, Recipient, StoredMessage};
+use crate::{
+    Envelope, Lease, LeaseRequest, Queue, QueueError, QueueId, Recipient, Retry, StoredMessage,
+    now_ms,
+};
 
 /// A factory for one backend over one isolated storage (a temp dir, a fresh stream...).
 #[async_trait::async_trait]
@@ -32,6 +36,10 @@ pub trait Backend: Send {
     /// Opens a handle on this storage. The suite drops the handle before opening the next one,
     /// and expects the next one to see everything committed through the previous one.
     async fn open(&mut self) -> Self::Queue;
+
+    /// The lease time the queues of [`Backend::open`] use (short, about a second, so the
+    /// redelivery checks run fast).
+    fn lease_time(&self) -> Duration;
 }
 
 /// Unwraps a result in test code, panicking with `what` and the error.
@@ -96,6 +104,16 @@ pub async fn run_all<B: Backend, F: FnMut() -> B>(mut new_backend: F) {
     delete_removes(&mut new_backend()).await;
     reopen_keeps_everything(&mut new_backend()).await;
     concurrent_enqueues(&mut new_backend(), 200).await;
+    duplicate_enqueue_keeps_one(&mut new_backend()).await;
+    lease_per_domain_then_ack(&mut new_backend()).await;
+    lease_respects_max_and_policy(&mut new_backend()).await;
+    defer_comes_back_after_delay(&mut new_backend()).await;
+    expiry(&mut new_backend()).await;
+    crashed_worker_is_redelivered(&mut new_backend()).await;
+    extend_keeps_the_lease(&mut new_backend()).await;
+    retry_now_and_bounce(&mut new_backend()).await;
+    large_body_lease(&mut new_backend()).await;
+    concurrent_workers_share_without_overlap(&mut new_backend(), 60).await;
 }
 
 /// What `enqueue` stored, `get` returns byte for byte, with every envelope field.
@@ -292,4 +310,596 @@ pub async fn concurrent_enqueues<B: Backend>(backend: &mut B, n: usize) {
             "{id} visible after enqueue returned"
         );
     }
+}
+
+/// Leases of `policy`: up to `max`, waiting up to `wait` for the first.
+async fn lease_some<Q: Queue>(queue: &Q, policy: &str, max: usize, wait: Duration) -> Vec<Lease> {
+    ok(
+        queue.lease(&LeaseRequest::new(policy, max, wait)).await,
+        "lease",
+    )
+}
+
+/// Leases until `n` entries of `policy` are held or `within` has passed.
+async fn lease_n<Q: Queue>(queue: &Q, policy: &str, n: usize, within: Duration) -> Vec<Lease> {
+    let deadline = Instant::now() + within;
+    let mut leases = Vec::new();
+    while leases.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        leases.extend(lease_some(queue, policy, n - leases.len(), left).await);
+    }
+    leases
+}
+
+fn addresses(message: &StoredMessage) -> Vec<String> {
+    message
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.clone())
+        .collect()
+}
+
+/// Enqueueing the same message twice keeps one copy (the second call may succeed, as a
+/// de-duplicated publish, or fail with `Duplicate`).
+pub async fn duplicate_enqueue_keeps_one<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    let m = message("a@x.org", &["1@a.example", "2@b.example"]);
+    ok(queue.enqueue(m.clone()).await, "enqueue");
+    match queue.enqueue(m.clone()).await {
+        Ok(()) | Err(QueueError::Duplicate(_)) => {}
+        Err(e) => panic!("second enqueue of the same id: {e:?}"),
+    }
+    assert_eq!(ok(queue.stats().await, "stats").messages, 1);
+    let leases = lease_n(&queue, "default", 2, Duration::from_secs(5)).await;
+    assert_eq!(leases.len(), 2, "one entry per domain");
+    let more = lease_some(&queue, "default", 10, Duration::from_millis(300)).await;
+    assert!(more.is_empty(), "not one per enqueue: {more:?}");
+}
+
+/// A message with recipients in two domains is leased as two entries, each with its
+/// recipients and the whole body; a held entry is not handed out twice; acking both removes
+/// the message.
+pub async fn lease_per_domain_then_ack<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    let m = message("a@x.org", &["1@a.example", "1@b.example", "2@a.example"]);
+    let id = m.envelope.id;
+    ok(queue.enqueue(m.clone()).await, "enqueue");
+    let mut leases = lease_n(&queue, "default", 2, Duration::from_secs(5)).await;
+    assert_eq!(leases.len(), 2, "two domain entries");
+    leases.sort_by(|a, b| a.key.cmp(&b.key));
+    assert_eq!(leases[0].key.id, id);
+    assert_eq!(leases[0].key.domain, "a.example");
+    assert_eq!(
+        addresses(&leases[0].message),
+        ["1@a.example", "2@a.example"]
+    );
+    assert_eq!(leases[1].key.domain, "b.example");
+    assert_eq!(addresses(&leases[1].message), ["1@b.example"]);
+    for lease in &leases {
+        assert_eq!(
+            lease.message.body, m.body,
+            "the whole body with every entry"
+        );
+        assert_eq!(lease.message.envelope.sender, "a@x.org");
+        assert_eq!(lease.deliveries, 1);
+        assert_eq!(lease.state.attempts, 0);
+        assert!(!lease.expired);
+    }
+    assert!(
+        lease_some(&queue, "default", 10, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "held entries are not handed out again"
+    );
+    let backlog = ok(queue.backlogs().await, "backlogs")
+        .get("default")
+        .copied()
+        .unwrap_or_default();
+    assert_eq!((backlog.ready, backlog.deferred), (0, 0), "{backlog:?}");
+
+    let b = leases.pop().expect("b lease");
+    ok(queue.ack(b).await, "ack b.example");
+    let left = ok(queue.entries(id).await, "entries");
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].key.domain, "a.example");
+    let got = ok(queue.get(id).await, "get").expect("message still queued");
+    assert_eq!(
+        addresses(&got),
+        ["1@a.example", "2@a.example"],
+        "get shows what is pending"
+    );
+
+    let a = leases.pop().expect("a lease");
+    ok(queue.ack(a).await, "ack a.example");
+    assert_eq!(
+        ok(queue.get(id).await, "get"),
+        None,
+        "gone with its last entry"
+    );
+    assert_eq!(ok(queue.stats().await, "stats").messages, 0);
+    assert!(ok(queue.entries(id).await, "entries").is_empty());
+    drop(queue);
+    let queue = backend.open().await;
+    assert_eq!(
+        ok(queue.get(id).await, "get after reopen"),
+        None,
+        "ack is durable"
+    );
+    assert!(
+        lease_some(&queue, "default", 10, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+}
+
+/// `max` bounds a lease; a policy's entries are only handed to that policy's workers.
+pub async fn lease_respects_max_and_policy<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    for i in 0..5 {
+        ok(
+            queue
+                .enqueue(message("a@x.org", &[&format!("{i}@d.example")]))
+                .await,
+            "enqueue",
+        );
+    }
+    for i in 0..2 {
+        let mut m = message("a@x.org", &[&format!("{i}@d.example")]);
+        m.envelope.policy = "bulk".into();
+        ok(queue.enqueue(m).await, "enqueue bulk");
+    }
+    let first = lease_some(&queue, "default", 3, Duration::from_secs(5)).await;
+    assert!(!first.is_empty() && first.len() <= 3, "{}", first.len());
+    let rest = lease_n(&queue, "default", 5 - first.len(), Duration::from_secs(5)).await;
+    assert_eq!(first.len() + rest.len(), 5);
+    assert!(
+        first
+            .iter()
+            .chain(&rest)
+            .all(|l| l.message.envelope.policy == "default")
+    );
+    let bulk = lease_n(&queue, "bulk", 2, Duration::from_secs(5)).await;
+    assert_eq!(bulk.len(), 2);
+    assert!(bulk.iter().all(|l| l.message.envelope.policy == "bulk"));
+    assert!(
+        lease_some(&queue, "nobody", 10, Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    for lease in first.into_iter().chain(rest).chain(bulk) {
+        ok(queue.ack(lease).await, "ack");
+    }
+    assert_eq!(ok(queue.stats().await, "stats").messages, 0);
+}
+
+/// A deferred entry keeps only its pending recipients, counts the attempt, is invisible until
+/// its time, shows as deferred (not ready) backlog, survives a reopen, and then comes back.
+pub async fn defer_comes_back_after_delay<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    let m = message("a@x.org", &["1@a.example", "2@a.example", "3@a.example"]);
+    let id = m.envelope.id;
+    ok(queue.enqueue(m.clone()).await, "enqueue");
+    ok(
+        queue.enqueue(message("a@x.org", &["x@b.example"])).await,
+        "enqueue other",
+    );
+    let mut leases = lease_n(&queue, "default", 2, Duration::from_secs(5)).await;
+    assert_eq!(leases.len(), 2);
+    leases.sort_by_key(|l| l.key.domain.clone());
+    let other = leases.pop().expect("b.example");
+    let lease = leases.pop().expect("a.example");
+    let pending: Vec<Recipient> = lease.message.envelope.recipients[1..].to_vec();
+    let delay = Duration::from_millis(2500);
+    let at_ms = now_ms() + delay.as_millis() as u64;
+    let deferred_at = Instant::now();
+    ok(
+        queue
+            .defer(
+                lease,
+                Retry {
+                    at_ms,
+                    recipients: pending.clone(),
+                    response: "451 4.7.1 greylisted".into(),
+                },
+            )
+            .await,
+        "defer",
+    );
+    // Give the other entry back as well, due at once, so `ready` has something to count.
+    ok(
+        queue
+            .defer(
+                other,
+                Retry {
+                    at_ms: 0,
+                    recipients: vec![Recipient {
+                        address: "x@b.example".into(),
+                        domain: "b.example".into(),
+                        notify: None,
+                        orcpt: None,
+                    }],
+                    response: "421 4.4.2 timeout".into(),
+                },
+            )
+            .await,
+        "defer due now",
+    );
+    let status = ok(queue.entries(id).await, "entries");
+    assert_eq!(status.len(), 1);
+    assert_eq!(status[0].recipients, ["2@a.example", "3@a.example"]);
+    assert_eq!(status[0].state.attempts, 1);
+    assert_eq!(
+        status[0].state.last_response.as_deref(),
+        Some("451 4.7.1 greylisted")
+    );
+    assert_eq!(status[0].state.next_attempt_ms, at_ms);
+    // Backlog counts may lag a little in a distributed backend: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let backlog = ok(queue.backlogs().await, "backlogs")
+            .get("default")
+            .copied()
+            .unwrap_or_default();
+        if (backlog.ready, backlog.deferred) == (1, 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backlog of one due and one deferred entry: {backlog:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(queue);
+    let queue = backend.open().await;
+
+    let mut again = lease_n(&queue, "default", 1, Duration::from_secs(2)).await;
+    assert_eq!(again.len(), 1, "the entry due now");
+    let other = again.pop().expect("other");
+    assert_eq!(other.key.domain, "b.example");
+    assert_eq!(other.state.attempts, 1);
+    ok(queue.ack(other).await, "ack other");
+    let early = lease_some(&queue, "default", 10, Duration::from_millis(200)).await;
+    assert!(early.is_empty(), "deferred entry is not due yet");
+
+    let back = lease_n(&queue, "default", 1, delay + Duration::from_secs(10)).await;
+    let waited = deferred_at.elapsed();
+    assert_eq!(back.len(), 1, "the deferred entry comes back");
+    assert!(
+        waited + Duration::from_millis(100) >= delay,
+        "not before its time: {waited:?}"
+    );
+    let lease = back.into_iter().next().expect("lease");
+    assert_eq!(lease.key.id, id);
+    assert_eq!(lease.message.envelope.recipients, pending);
+    assert_eq!(lease.message.body, m.body);
+    assert_eq!(lease.state.attempts, 1);
+    assert_eq!(
+        lease.state.last_response.as_deref(),
+        Some("451 4.7.1 greylisted")
+    );
+    let got = ok(queue.get(id).await, "get").expect("queued");
+    assert_eq!(addresses(&got), ["2@a.example", "3@a.example"]);
+    ok(queue.ack(lease).await, "ack");
+    assert_eq!(ok(queue.get(id).await, "get"), None);
+
+    let empty = Retry {
+        at_ms: 0,
+        recipients: Vec::new(),
+        response: String::new(),
+    };
+    ok(
+        queue.enqueue(message("a@x.org", &["1@c.example"])).await,
+        "enqueue",
+    );
+    let lease = lease_n(&queue, "default", 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("lease");
+    assert!(
+        matches!(queue.defer(lease, empty).await, Err(QueueError::Invalid(_))),
+        "a retry without recipients is refused"
+    );
+}
+
+/// An entry older than the request's `max_age` is handed out as expired; a retry time past the
+/// expiry is clamped to it, so the entry comes back in time to be bounced.
+pub async fn expiry<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    let mut old = message("a@x.org", &["1@old.example"]);
+    old.envelope.received_at_ms = now_ms() - 3_600_000;
+    ok(queue.enqueue(old.clone()).await, "enqueue old");
+    let leases = ok(
+        queue
+            .lease(
+                &LeaseRequest::new("default", 10, Duration::from_secs(5))
+                    .max_age(Duration::from_secs(1800)),
+            )
+            .await,
+        "lease",
+    );
+    assert_eq!(leases.len(), 1);
+    assert!(leases[0].expired, "older than max_age");
+    assert_eq!(
+        leases[0].expires_at_ms,
+        Some(old.envelope.received_at_ms + 1_800_000)
+    );
+    for lease in leases {
+        ok(queue.ack(lease).await, "ack expired");
+    }
+
+    let young = message("a@x.org", &["1@young.example"]);
+    ok(queue.enqueue(young.clone()).await, "enqueue young");
+    let max_age = Duration::from_millis(now_ms() - young.envelope.received_at_ms + 2000);
+    let request = LeaseRequest::new("default", 10, Duration::from_secs(5)).max_age(max_age);
+    let lease = ok(queue.lease(&request).await, "lease")
+        .pop()
+        .expect("young lease");
+    assert!(!lease.expired);
+    let recipients = lease.message.envelope.recipients.clone();
+    let started = Instant::now();
+    ok(
+        queue
+            .defer(
+                lease,
+                Retry {
+                    at_ms: now_ms() + 3_600_000,
+                    recipients,
+                    response: "451 4.4.1 no answer".into(),
+                },
+            )
+            .await,
+        "defer past expiry",
+    );
+    let request = LeaseRequest {
+        wait: Duration::from_secs(10),
+        ..request
+    };
+    let mut back = Vec::new();
+    while back.is_empty() && started.elapsed() < Duration::from_secs(15) {
+        back = ok(queue.lease(&request).await, "lease");
+    }
+    assert_eq!(back.len(), 1, "clamped to the expiry, not an hour");
+    assert!(back[0].expired, "and handed out as expired");
+    for lease in back {
+        ok(queue.ack(lease).await, "ack");
+    }
+}
+
+/// A lease that is neither ended nor extended is handed out again after the lease time, with
+/// `deliveries` counting; a worker whose queue handle is gone loses its leases too.
+pub async fn crashed_worker_is_redelivered<B: Backend>(backend: &mut B) {
+    let lease_time = backend.lease_time();
+    let queue = backend.open().await;
+    let m = message("a@x.org", &["1@a.example"]);
+    ok(queue.enqueue(m.clone()).await, "enqueue");
+    let first = lease_n(&queue, "default", 1, Duration::from_secs(5)).await;
+    assert_eq!(first.len(), 1);
+    let started = Instant::now();
+    std::mem::forget(first); // the worker "dies" holding it
+    let again = lease_n(
+        &queue,
+        "default",
+        1,
+        lease_time * 3 + Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(again.len(), 1, "redelivered after the lease time");
+    assert!(
+        started.elapsed() + Duration::from_millis(100) >= lease_time,
+        "not before the lease time: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(again[0].key.id, m.envelope.id);
+    assert_eq!(again[0].deliveries, 2);
+    assert_eq!(again[0].message.body, m.body);
+    std::mem::forget(again);
+    drop(queue);
+
+    // A new handle (another worker, or the same process after a restart) gets it too.
+    let queue = backend.open().await;
+    let third = lease_n(
+        &queue,
+        "default",
+        1,
+        lease_time * 3 + Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(third.len(), 1, "redelivered to the next worker");
+    assert_eq!(third[0].key.id, m.envelope.id);
+    for lease in third {
+        ok(queue.ack(lease).await, "ack");
+    }
+    assert_eq!(ok(queue.get(m.envelope.id).await, "get"), None);
+}
+
+/// Extending a lease keeps it beyond the lease time; no one else gets the entry meanwhile.
+pub async fn extend_keeps_the_lease<B: Backend>(backend: &mut B) {
+    let lease_time = backend.lease_time();
+    let queue = backend.open().await;
+    ok(
+        queue.enqueue(message("a@x.org", &["1@a.example"])).await,
+        "enqueue",
+    );
+    let lease = lease_n(&queue, "default", 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("lease");
+    let until = Instant::now() + lease_time * 3;
+    while Instant::now() < until {
+        ok(queue.extend(&lease).await, "extend");
+        let stolen = lease_some(&queue, "default", 1, lease_time / 3).await;
+        assert!(stolen.is_empty(), "an extended lease is not handed out");
+    }
+    ok(queue.ack(lease).await, "ack after extensions");
+    assert_eq!(ok(queue.stats().await, "stats").messages, 0);
+}
+
+/// `retry_now` makes a deferred entry due at once, keeping its history; `request_bounce`
+/// hands the entry out marked for bounce.
+pub async fn retry_now_and_bounce<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    let m = message("a@x.org", &["1@a.example", "1@b.example"]);
+    let id = m.envelope.id;
+    ok(queue.enqueue(m).await, "enqueue");
+    for lease in lease_n(&queue, "default", 2, Duration::from_secs(5)).await {
+        let recipients = lease.message.envelope.recipients.clone();
+        ok(
+            queue
+                .defer(
+                    lease,
+                    Retry {
+                        at_ms: now_ms() + 3_600_000,
+                        recipients,
+                        response: "452 4.2.2 mailbox full".into(),
+                    },
+                )
+                .await,
+            "defer an hour",
+        );
+    }
+    assert!(
+        lease_some(&queue, "default", 10, Duration::from_millis(200))
+            .await
+            .is_empty()
+    );
+    assert_eq!(ok(queue.retry_now(id).await, "retry"), 2);
+    assert_eq!(
+        ok(queue.retry_now(QueueId::new()).await, "retry unknown"),
+        0
+    );
+    let mut back = lease_n(&queue, "default", 2, Duration::from_secs(5)).await;
+    assert_eq!(back.len(), 2, "both entries due after retry");
+    assert!(back.iter().all(|l| l.state.attempts == 1));
+    assert!(back.iter().all(|l| l.state.bounce_requested.is_none()));
+    let lease = back.pop().expect("lease");
+    let recipients = lease.message.envelope.recipients.clone();
+    ok(
+        queue
+            .defer(
+                lease,
+                Retry {
+                    at_ms: now_ms() + 3_600_000,
+                    recipients,
+                    response: "452 4.2.2 mailbox full".into(),
+                },
+            )
+            .await,
+        "defer again",
+    );
+    // One entry deferred, one leased: bounce marks both; the deferred one is due at once, the
+    // leased one carries the mark when it comes back.
+    assert_eq!(
+        ok(
+            queue.request_bounce(id, "removed by the operator").await,
+            "bounce"
+        ),
+        2
+    );
+    let bounced = lease_n(&queue, "default", 1, Duration::from_secs(5)).await;
+    assert_eq!(bounced.len(), 1);
+    assert_eq!(
+        bounced[0].state.bounce_requested.as_deref(),
+        Some("removed by the operator")
+    );
+    assert_eq!(bounced[0].state.attempts, 2);
+    let statuses = ok(queue.entries(id).await, "entries");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| s.state.bounce_requested.as_deref() == Some("removed by the operator")),
+        "{statuses:?}"
+    );
+    for lease in bounced.into_iter().chain(back) {
+        ok(queue.ack(lease).await, "ack");
+    }
+    assert_eq!(ok(queue.get(id).await, "get"), None);
+}
+
+/// A body of several MiB (above a NATS server's default payload limit) is leased whole and
+/// can be deferred and acked like any other.
+pub async fn large_body_lease<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    let mut m = message("a@x.org", &["1@a.example", "1@b.example"]);
+    let mut body = m.body.to_vec();
+    let line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    while body.len() < 6 << 20 {
+        body.extend_from_slice(line);
+    }
+    m.body = Bytes::from(body);
+    ok(queue.enqueue(m.clone()).await, "enqueue large");
+    let leases = lease_n(&queue, "default", 2, Duration::from_secs(10)).await;
+    assert_eq!(leases.len(), 2);
+    let mut leases = leases.into_iter();
+    let first = leases.next().expect("first");
+    let second = leases.next().expect("second");
+    assert_eq!(first.message.body, m.body);
+    assert_eq!(second.message.body, m.body);
+    let recipients = first.message.envelope.recipients.clone();
+    ok(
+        queue
+            .defer(
+                first,
+                Retry {
+                    at_ms: 0,
+                    recipients,
+                    response: "421 4.3.0 later".into(),
+                },
+            )
+            .await,
+        "defer large",
+    );
+    ok(queue.ack(second).await, "ack large");
+    let back = lease_n(&queue, "default", 1, Duration::from_secs(10)).await;
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].message.body, m.body, "body intact after defer");
+    for lease in back {
+        ok(queue.ack(lease).await, "ack");
+    }
+    assert_eq!(ok(queue.get(m.envelope.id).await, "get"), None);
+    assert_eq!(ok(queue.stats().await, "stats").messages, 0);
+}
+
+/// Workers leasing concurrently get disjoint entries that together cover the queue, whatever
+/// order they ack in.
+pub async fn concurrent_workers_share_without_overlap<B: Backend>(backend: &mut B, n: usize) {
+    let queue = Arc::new(backend.open().await);
+    let mut expected = BTreeSet::new();
+    for i in 0..n {
+        let m = message("a@x.org", &[&format!("{i}@d{}.example", i % 5)]);
+        expected.insert(m.envelope.id);
+        ok(queue.enqueue(m).await, "enqueue");
+    }
+    let mut workers = Vec::new();
+    for w in 0..3u64 {
+        let queue = Arc::clone(&queue);
+        workers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let leases = queue
+                    .lease(&LeaseRequest::new("default", 7, Duration::from_millis(500)))
+                    .await?;
+                if leases.is_empty() {
+                    return Ok::<_, QueueError>(seen);
+                }
+                // Ack in reverse order, with a pause that varies per worker.
+                for lease in leases.into_iter().rev() {
+                    seen.push(lease.key.id);
+                    tokio::time::sleep(Duration::from_millis(w)).await;
+                    queue.ack(lease).await?;
+                }
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for worker in workers {
+        all.extend(ok(ok(worker.await, "join"), "worker"));
+    }
+    let unique: BTreeSet<QueueId> = all.iter().copied().collect();
+    assert_eq!(unique.len(), all.len(), "no entry handed to two workers");
+    assert_eq!(unique, expected, "every entry handed out");
+    assert_eq!(ok(queue.stats().await, "stats").messages, 0);
 }

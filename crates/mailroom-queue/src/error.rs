@@ -46,6 +46,13 @@ pub enum QueueError {
     /// An entry with this id already exists.
     #[error("queue: message {0} is already queued")]
     Duplicate(QueueId),
+    /// The lease ended already: it expired and the entry was handed out again, or it was
+    /// acked or deferred before. The entry is (or will be) handled through its newer lease.
+    #[error("queue: lease of {0} is no longer held")]
+    LeaseLost(String),
+    /// The caller passed something the queue cannot do (e.g. a retry with no recipients).
+    #[error("queue: {0}")]
+    Invalid(String),
     /// The envelope could not be encoded.
     #[error("queue: encoding envelope of {id}: {source}")]
     Encode {

@@ -45,6 +45,7 @@
 mod error;
 mod id;
 pub mod jetstream;
+mod lease;
 pub mod local;
 mod model;
 
@@ -53,6 +54,9 @@ pub mod contract;
 
 pub use error::QueueError;
 pub use id::{ParseQueueIdError, QueueId};
+pub use lease::{
+    Backlog, Backlogs, DeliveryState, EntryKey, EntryStatus, Lease, LeaseRequest, Retry, now_ms,
+};
 pub use model::{EntrySummary, Envelope, QueueStats, Recipient, StoredMessage};
 
 /// A durable message queue. Implementations are shared between all SMTP sessions and workers
@@ -74,6 +78,37 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Removes the entry durably. Returns `false` if the queue did not hold it.
     async fn delete(&self, id: QueueId) -> Result<bool, QueueError>;
+
+    /// Hands out up to `request.max` domain entries of `request.policy` that are due now and
+    /// not leased, waiting up to `request.wait` when there are none. See [`Lease`].
+    async fn lease(&self, request: &LeaseRequest) -> Result<Vec<Lease>, QueueError>;
+
+    /// Restarts the lease time of a lease whose delivery is still running.
+    async fn extend(&self, lease: &Lease) -> Result<(), QueueError>;
+
+    /// Ends a lease with a final outcome: the entry is removed durably (and the message with its
+    /// last entry).
+    async fn ack(&self, lease: Lease) -> Result<(), QueueError>;
+
+    /// Ends a lease with a transient failure: the entry keeps `retry.recipients`, counts the
+    /// attempt and becomes leasable again at `retry.at_ms` (at the latest at the lease's
+    /// expiry). Durable when it returns.
+    async fn defer(&self, lease: Lease, retry: Retry) -> Result<(), QueueError>;
+
+    /// The delivery status of each entry of a message (empty if the queue does not hold it).
+    async fn entries(&self, id: QueueId) -> Result<Vec<EntryStatus>, QueueError>;
+
+    /// Makes the message's deferred entries due now (`mailroom queue retry`). Returns how many
+    /// entries it changed.
+    async fn retry_now(&self, id: QueueId) -> Result<usize, QueueError>;
+
+    /// Marks every entry of the message for bounce with `reason` and makes it due now
+    /// (`mailroom queue bounce`): the worker that leases it returns it to the sender. Returns
+    /// how many entries it changed.
+    async fn request_bounce(&self, id: QueueId, reason: &str) -> Result<usize, QueueError>;
+
+    /// The backlog of every policy with queued entries.
+    async fn backlogs(&self) -> Result<Backlogs, QueueError>;
 
     /// True while the backend can accept messages (for /readyz).
     fn is_ready(&self) -> bool;

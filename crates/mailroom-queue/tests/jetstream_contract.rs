@@ -2,9 +2,14 @@
 //! backend, each check on its own real nats-server (`mailroom-testkit`; build the binary with
 //! `e2e/tools/build.sh`).
 
+use std::time::Duration;
+
 use mailroom_queue::contract::{self, Backend};
 use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
 use mailroom_testkit::NatsServer;
+
+/// The lease time of the contract queues.
+const LEASE: Duration = Duration::from_secs(1);
 
 /// The jetstream backend over a fresh nats-server (file storage).
 struct JetStream {
@@ -32,6 +37,10 @@ impl Backend for JetStream {
         .await
         .expect("connect to nats-server")
     }
+
+    fn lease_time(&self) -> Duration {
+        LEASE
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -54,6 +63,9 @@ async fn jetstream_contract_with_object_bodies() {
             })
             .await
             .expect("connect to nats-server")
+        }
+        fn lease_time(&self) -> Duration {
+            LEASE
         }
     }
     contract::run_all(|| Objects(JetStream::new())).await;

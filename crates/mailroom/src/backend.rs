@@ -92,6 +92,7 @@ pub async fn open_queue(
             LocalOptions {
                 max_batch: local.max_batch as usize,
                 sync,
+                ..LocalOptions::default()
             },
         )
         .await

@@ -127,7 +127,10 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::{EntrySummary, Queue, QueueError, QueueId, QueueStats, StoredMessage};
+use crate::{
+    Backlogs, EntryStatus, EntrySummary, Lease, LeaseRequest, Queue, QueueError, QueueId,
+    QueueStats, Retry, StoredMessage,
+};
 use body::Bodies;
 use entry::{BodyRef, EntryMeta, PlannedEntry};
 pub use error::{BoxError, JetStreamError};
@@ -1149,6 +1152,30 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl Queue for JetStreamQueue {
+    async fn lease(&self, _request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
+        Err(QueueError::Unavailable("TODO jetstream lease".into()))
+    }
+    async fn extend(&self, _lease: &Lease) -> Result<(), QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
+    async fn ack(&self, _lease: Lease) -> Result<(), QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
+    async fn defer(&self, _lease: Lease, _retry: Retry) -> Result<(), QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
+    async fn entries(&self, _id: QueueId) -> Result<Vec<EntryStatus>, QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
+    async fn retry_now(&self, _id: QueueId) -> Result<usize, QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
+    async fn request_bounce(&self, _id: QueueId, _reason: &str) -> Result<usize, QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
+    async fn backlogs(&self) -> Result<Backlogs, QueueError> {
+        Err(QueueError::Unavailable("TODO".into()))
+    }
     async fn enqueue(&self, message: StoredMessage) -> Result<(), QueueError> {
         let id = message.envelope.id;
         self.inner.enqueue(message).await.map_err(|e| {

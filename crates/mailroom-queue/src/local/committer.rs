@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::format::Encoded;
 use super::{Shared, SyncMode, rename_noreplace};
-use crate::{EntrySummary, QueueError, QueueId};
+use crate::{EntrySummary, Envelope, QueueError, QueueId};
 
 /// Threads that issue fdatasyncs concurrently in [`SyncMode::File`].
 const SYNC_THREADS: usize = 8;
@@ -36,6 +36,17 @@ pub(crate) enum Op {
         encoded: Encoded,
         /// The message body.
         body: Bytes,
+        /// Its envelope, for the delivery state.
+        envelope: Box<Envelope>,
+        /// Completed after the commit.
+        reply: oneshot::Sender<Result<(), QueueError>>,
+    },
+    /// Replace a message's state file (`queue/<id>.state`).
+    State {
+        /// The message.
+        id: QueueId,
+        /// The encoded state.
+        data: Vec<u8>,
         /// Completed after the commit.
         reply: oneshot::Sender<Result<(), QueueError>>,
     },
@@ -48,9 +59,12 @@ pub(crate) enum Op {
     },
 }
 
-/// A new message on its way through the batch.
+/// A new message or state file on its way through the batch.
 struct Pending {
-    summary: EntrySummary,
+    /// The new message's summary and envelope; `None` for a state file (which replaces the
+    /// previous one instead of refusing to).
+    insert: Option<(EntrySummary, Box<Envelope>)>,
+    id: QueueId,
     file: Option<File>,
     tmp: PathBuf,
     dst: PathBuf,
@@ -104,6 +118,9 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
                 Op::Delete { reply, .. } => {
                     let _ = reply.send(Err(QueueError::Unavailable(reason.clone())));
                 }
+                Op::State { reply, .. } => {
+                    let _ = reply.send(Err(QueueError::Unavailable(reason.clone())));
+                }
             }
         }
         return;
@@ -119,12 +136,18 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
                 summary,
                 encoded,
                 body,
+                envelope,
                 reply,
-            } => match shared.write_tmp(id, [&encoded.head, &body, &encoded.trailer]) {
+            } => match shared.write_tmp(
+                &format!("{id}.msg"),
+                id,
+                [&encoded.head, &body, &encoded.trailer],
+            ) {
                 Ok((file, tmp)) => {
                     let dst = shared.entry_path(id);
                     pending.push(Pending {
-                        summary,
+                        insert: Some((summary, envelope)),
+                        id,
                         file: Some(file),
                         tmp,
                         dst,
@@ -135,6 +158,22 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
                     let _ = reply.send(Err(e));
                 }
             },
+            Op::State { id, data, reply } => {
+                let n = shared.state_writes.fetch_add(1, Ordering::Relaxed);
+                match shared.write_tmp(&format!("{id}.{n}.state"), id, [&data, &[], &[]]) {
+                    Ok((file, tmp)) => pending.push(Pending {
+                        insert: None,
+                        id,
+                        file: Some(file),
+                        tmp,
+                        dst: shared.state_path(id),
+                        reply,
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             Op::Delete { id, reply } => deletes.push((id, reply)),
         }
     }
@@ -159,10 +198,15 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
     let mut renamed = Vec::with_capacity(pending.len());
     for mut p in pending {
         drop(p.file.take());
-        match rename_noreplace(&p.tmp, &p.dst) {
+        let renamed_ok = if p.insert.is_some() {
+            rename_noreplace(&p.tmp, &p.dst)
+        } else {
+            std::fs::rename(&p.tmp, &p.dst)
+        };
+        match renamed_ok {
             Ok(()) => renamed.push(p),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                let id = p.summary.id;
+                let id = p.id;
                 fail(p, QueueError::Duplicate(id));
             }
             Err(e) => {
@@ -181,6 +225,13 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(QueueError::io("unlink", path, e)),
         };
+        // The state file goes after the message (an orphan state file is removed at open).
+        let state = shared.state_path(id);
+        if let Err(e) = std::fs::remove_file(&state)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %state.display(), error = %e, "could not remove state file");
+        }
         unlinked.push((id, outcome, reply));
     }
 
@@ -197,17 +248,23 @@ fn commit(shared: &Shared, batch: &mut Vec<Op>) {
             let mut removals = Vec::with_capacity(unlinked.len());
             {
                 let mut index = shared.index();
+                let mut sched = shared.sched();
                 for p in renamed {
-                    index.insert(p.summary);
+                    if let Some((summary, envelope)) = p.insert {
+                        index.insert(summary);
+                        sched.insert(&envelope, None);
+                    }
                     inserts.push(p.reply);
                 }
                 for (id, outcome, reply) in unlinked {
                     if outcome.is_ok() {
                         index.remove(id);
+                        sched.remove(id);
                     }
                     removals.push((reply, outcome));
                 }
             }
+            shared.notify.notify_waiters();
             // Replies go out after the index lock is released. A waiter that went away
             // (cancelled enqueue) does not undo the commit.
             for reply in inserts {

@@ -26,6 +26,14 @@ impl Index {
         self.entries.insert(summary.id, summary);
     }
 
+    /// Re-summarizes an entry after some of its recipients are done (`envelope` holds the
+    /// pending ones); the size stays.
+    pub(crate) fn update_recipients(&mut self, envelope: &crate::Envelope) {
+        if let Some(size) = self.entries.get(&envelope.id).map(|e| e.size) {
+            self.insert(EntrySummary::of(envelope, size));
+        }
+    }
+
     /// Removes an entry; returns whether it was there.
     pub(crate) fn remove(&mut self, id: QueueId) -> bool {
         let Some(old) = self.entries.remove(&id) else {

@@ -36,19 +36,25 @@
 mod committer;
 mod format;
 mod index;
+mod sched;
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::{EntrySummary, Queue, QueueError, QueueId, QueueStats, StoredMessage};
+use crate::{
+    Backlogs, EntryKey, EntryStatus, EntrySummary, Lease, LeaseRequest, Queue, QueueError, QueueId,
+    QueueStats, Retry, StoredMessage, now_ms,
+};
 use committer::Op;
 use index::Index;
+use sched::{LeaseError, Persist, Sched, StateFile, Token};
 
 /// How a batch's message data is made durable before the files are renamed into `queue/`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -67,6 +73,8 @@ pub struct LocalOptions {
     pub max_batch: usize,
     /// How message data is synced. Default [`SyncMode::Filesystem`].
     pub sync: SyncMode,
+    /// How long a lease lasts without [`Queue::extend`]. Default 5 minutes.
+    pub lease_time: Duration,
 }
 
 impl Default for LocalOptions {
@@ -74,6 +82,7 @@ impl Default for LocalOptions {
         LocalOptions {
             max_batch: 256,
             sync: SyncMode::Filesystem,
+            lease_time: Duration::from_secs(300),
         }
     }
 }
@@ -111,6 +120,13 @@ struct Shared {
     sync_mode: SyncMode,
     read_only: bool,
     index: Mutex<Index>,
+    /// Delivery state: pending recipients, due times, leases.
+    sched: Mutex<Sched>,
+    /// Woken when entries may have become leasable (commit, defer, retry).
+    notify: Notify,
+    lease_time: Duration,
+    /// Numbers the tmp files of state writes.
+    state_writes: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
     enqueued: AtomicU64,
@@ -131,6 +147,10 @@ impl Shared {
             sync_mode: SyncMode::default(),
             read_only,
             index: Mutex::new(Index::default()),
+            sched: Mutex::new(Sched::default()),
+            notify: Notify::new(),
+            lease_time: LocalOptions::default().lease_time,
+            state_writes: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
             enqueued: AtomicU64::new(0),
@@ -145,8 +165,16 @@ impl Shared {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn sched(&self) -> MutexGuard<'_, Sched> {
+        self.sched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn entry_path(&self, id: QueueId) -> PathBuf {
         self.queue_dir.join(format!("{id}.msg"))
+    }
+
+    fn state_path(&self, id: QueueId) -> PathBuf {
+        self.queue_dir.join(format!("{id}.state"))
     }
 
     fn poison(&self, reason: String) {
@@ -178,10 +206,15 @@ impl Shared {
             .map_err(|e| QueueError::io("fsync directory", &self.queue_dir, e))
     }
 
-    /// Creates `tmp/<id>.msg` and writes the message into it (not yet synced). On error the
-    /// tmp file is removed again.
-    fn write_tmp(&self, id: QueueId, parts: [&[u8]; 3]) -> Result<(File, PathBuf), QueueError> {
-        let tmp = self.tmp_dir.join(format!("{id}.msg"));
+    /// Creates `tmp/<name>` and writes the parts into it (not yet synced). On error the
+    /// tmp file is removed again. `id` is the message the file belongs to.
+    fn write_tmp(
+        &self,
+        name: &str,
+        id: QueueId,
+        parts: [&[u8]; 3],
+    ) -> Result<(File, PathBuf), QueueError> {
+        let tmp = self.tmp_dir.join(name);
         let mut file = File::options()
             .write(true)
             .create_new(true)
@@ -240,11 +273,17 @@ impl Shared {
         let entries = std::fs::read_dir(&self.queue_dir)
             .map_err(|e| QueueError::io("read directory", &self.queue_dir, e))?;
         let mut index = Index::default();
+        let mut envelopes = Vec::new();
+        let mut states = std::collections::HashMap::new();
         for entry in entries {
             let entry = entry.map_err(|e| QueueError::io("read directory", &self.queue_dir, e))?;
             let path = entry.path();
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 tracing::warn!(path = %path.display(), "unexpected directory in queue/, ignored");
+                continue;
+            }
+            if let Some(id) = state_file_id(&path) {
+                states.insert(id, path);
                 continue;
             }
             let named_like_entry = path.extension().is_some_and(|ext| ext == "msg")
@@ -261,7 +300,10 @@ impl Shared {
                 })
             };
             match result {
-                Ok((envelope, body_len)) => index.insert(EntrySummary::of(&envelope, body_len)),
+                Ok((envelope, body_len)) => {
+                    index.insert(EntrySummary::of(&envelope, body_len));
+                    envelopes.push(envelope);
+                }
                 Err(QueueError::Io { source, .. })
                     if self.read_only && source.kind() == io::ErrorKind::NotFound =>
                 {
@@ -279,8 +321,50 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
+        let mut sched = Sched::default();
+        for envelope in envelopes {
+            let state = states
+                .remove(&envelope.id)
+                .and_then(|path| self.read_state(&path));
+            if let Some(state) = &state {
+                // What `list` and `stats` show follows the pending recipients.
+                let mut pending = envelope.clone();
+                pending.recipients = state.pending_recipients(&envelope);
+                index.update_recipients(&pending);
+            }
+            sched.insert(&envelope, state);
+        }
+        if !self.read_only {
+            for path in states.into_values() {
+                // The message was deleted and the crash came before its state file went.
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove orphan state file");
+                }
+            }
+        }
         *self.index() = index;
+        *self.sched() = sched;
         Ok(())
+    }
+
+    /// Reads a state file; a bad one is logged (and quarantined in writer mode) and ignored,
+    /// which hands every recipient of the message out again: a duplicate, never a loss.
+    fn read_state(&self, path: &Path) -> Option<StateFile> {
+        let parsed = std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|data| StateFile::parse(&data));
+        match parsed {
+            Ok(state) => Some(state),
+            Err(reason) => {
+                if self.read_only {
+                    tracing::warn!(path = %path.display(), %reason, "unreadable state file skipped");
+                } else {
+                    let moved = self.quarantine(path);
+                    tracing::error!(path = %path.display(), moved_to = %moved.display(), %reason, "unreadable state file quarantined; all its recipients will be delivered again");
+                }
+                None
+            }
+        }
     }
 
     /// Deletes everything in `tmp/` (writes that never committed).
@@ -326,7 +410,15 @@ impl Shared {
     }
 }
 
-/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
+/// The id of a `queue/<ULID>.state` file.
+fn state_file_id(path: &Path) -> Option<QueueId> {
+    if path.extension().is_some_and(|ext| ext == "state") {
+        path.file_stem()?.to_str()?.parse().ok()
+    } else {
+        None
+    }
+}
+
 /// Writes every part with as few `writev(2)` calls as the kernel allows (one, normally).
 fn write_all_vectored(file: &mut File, parts: [&[u8]; 3]) -> io::Result<()> {
     let mut slices = parts.map(io::IoSlice::new);
@@ -343,6 +435,7 @@ fn write_all_vectored(file: &mut File, parts: [&[u8]; 3]) -> io::Result<()> {
     Ok(())
 }
 
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
 pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     use rustix::fs::{CWD, RenameFlags, renameat_with};
     match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
@@ -433,6 +526,7 @@ impl LocalQueue {
             sync_dir(&shared.corrupt_dir)?;
         }
         shared.sync_mode = options.sync;
+        shared.lease_time = options.lease_time;
         shared.queue_dir_handle = Some(
             File::open(&shared.queue_dir)
                 .map_err(|e| QueueError::io("open directory", &shared.queue_dir, e))?,
@@ -503,6 +597,127 @@ impl LocalQueue {
         }
     }
 
+    /// The message with only the recipients still pending in its envelope.
+    fn only_pending(&self, mut message: StoredMessage) -> StoredMessage {
+        if let Some(pending) = self.shared.sched().pending(message.envelope.id) {
+            let all = std::mem::take(&mut message.envelope.recipients);
+            message.envelope.recipients = pending
+                .into_iter()
+                .filter_map(|i| all.get(i).cloned())
+                .collect();
+        }
+        message
+    }
+
+    /// Writes a message's new state durably (or deletes it when no entry is left), and
+    /// updates what `list` and `stats` show.
+    async fn persist(&self, id: QueueId, persist: Persist) -> Result<(), QueueError> {
+        let tx = self.sender("change delivery state")?;
+        match persist {
+            Persist::Delete => {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Op::Delete { id, reply }).map_err(committer_gone)?;
+                rx.await.map_err(committer_gone)?.map(|_| ())
+            }
+            Persist::State(state) => {
+                let (reply, rx) = oneshot::channel();
+                tx.send(Op::State {
+                    id,
+                    data: state.encode(),
+                    reply,
+                })
+                .map_err(committer_gone)?;
+                rx.await.map_err(committer_gone)??;
+                self.refresh_summary(id, &state);
+                Ok(())
+            }
+        }
+    }
+
+    /// Re-summarizes a message in the index after its pending recipients changed.
+    fn refresh_summary(&self, id: QueueId, state: &StateFile) {
+        // The envelope is small (the header and JSON are read, not the body); reading it back
+        // keeps recipient lists out of the index.
+        if let Ok((envelope, _)) = format::read_envelope(&self.shared.entry_path(id)) {
+            let mut pending = envelope.clone();
+            pending.recipients = state.pending_recipients(&envelope);
+            self.shared.index().update_recipients(&pending);
+        }
+    }
+
+    fn lease_error(&self, key: &EntryKey, e: LeaseError) -> QueueError {
+        match e {
+            LeaseError::Lost => QueueError::LeaseLost(key.to_string()),
+            LeaseError::UnknownRecipient(address) => QueueError::Invalid(format!(
+                "retry of {key}: {address} is not a pending recipient of the lease"
+            )),
+        }
+    }
+
+    fn token(lease: &Lease) -> Result<Token, QueueError> {
+        lease.token::<Token>().copied().ok_or_else(|| {
+            QueueError::Invalid(format!("lease {} is not from a local queue", lease.key))
+        })
+    }
+
+    /// Builds the leases of entries taken from the scheduler (reads their files).
+    async fn build_leases(
+        &self,
+        taken: Vec<sched::Taken>,
+        max_age: Option<Duration>,
+    ) -> Result<Vec<Lease>, QueueError> {
+        let shared = Arc::clone(&self.shared);
+        let ids: Vec<QueueId> = taken.iter().map(|t| t.key.id).collect();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut out = std::collections::HashMap::new();
+            for id in ids {
+                if let std::collections::hash_map::Entry::Vacant(slot) = out.entry(id) {
+                    slot.insert(shared.read_entry(id));
+                }
+            }
+            out
+        })
+        .await
+        .map_err(join_error)?;
+        let now = now_ms();
+        let mut leases = Vec::with_capacity(taken.len());
+        for t in taken {
+            let message = match read.get(&t.key.id) {
+                Some(Ok(Some(m))) => m,
+                Some(Err(e)) => {
+                    // Corrupt (now quarantined) or unreadable: forget the entry, log, go on.
+                    tracing::error!(entry = %t.key, error = %e, "queued message unreadable; not delivered");
+                    self.shared.sched().remove(t.key.id);
+                    continue;
+                }
+                _ => continue,
+            };
+            let mut envelope = message.envelope.clone();
+            envelope.recipients = t
+                .pending
+                .iter()
+                .filter_map(|&i| message.envelope.recipients.get(i).cloned())
+                .collect();
+            let expires_at_ms = max_age.map(|age| {
+                t.received_at_ms
+                    .saturating_add(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
+            });
+            leases.push(Lease {
+                expired: expires_at_ms.is_some_and(|at| now >= at),
+                expires_at_ms,
+                key: t.key,
+                message: StoredMessage {
+                    envelope,
+                    body: message.body.clone(),
+                },
+                state: t.state,
+                deliveries: t.deliveries,
+                token: Box::new(t.token),
+            });
+        }
+        Ok(leases)
+    }
+
     fn sender(&self, op: &'static str) -> Result<&mpsc::UnboundedSender<Op>, QueueError> {
         let tx = self.tx.as_ref().ok_or(QueueError::ReadOnly(op))?;
         self.shared
@@ -537,6 +752,7 @@ impl Queue for LocalQueue {
             summary,
             encoded,
             body: message.body,
+            envelope: Box::new(message.envelope),
             reply,
         })
         .map_err(committer_gone)?;
@@ -550,9 +766,10 @@ impl Queue for LocalQueue {
             return Ok(None);
         }
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || shared.read_entry(id))
+        let message = tokio::task::spawn_blocking(move || shared.read_entry(id))
             .await
-            .map_err(join_error)?
+            .map_err(join_error)??;
+        Ok(message.map(|m| self.only_pending(m)))
     }
 
     async fn list(&self, limit: usize) -> Result<Vec<EntrySummary>, QueueError> {
@@ -568,6 +785,126 @@ impl Queue for LocalQueue {
         let (reply, rx) = oneshot::channel();
         tx.send(Op::Delete { id, reply }).map_err(committer_gone)?;
         rx.await.map_err(committer_gone)?
+    }
+
+    async fn lease(&self, request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
+        self.sender("lease")?;
+        let deadline = Instant::now() + request.wait;
+        loop {
+            // Register for wake-ups before looking, so a commit in between is not missed.
+            let notified = self.shared.notify.notified();
+            let now = Instant::now();
+            let (taken, next) = {
+                let mut sched = self.shared.sched();
+                let taken = sched.take(
+                    &request.policy,
+                    request.max,
+                    now,
+                    now_ms(),
+                    self.shared.lease_time,
+                );
+                (taken, sched.next_change(&request.policy))
+            };
+            if !taken.is_empty() {
+                let leases = self.build_leases(taken, request.max_age).await?;
+                if !leases.is_empty() {
+                    return Ok(leases);
+                }
+                continue;
+            }
+            if now >= deadline {
+                return Ok(Vec::new());
+            }
+            // Sleep until something may be due: the earliest retry time, the earliest lease
+            // deadline, a commit/defer/retry (notify), or the end of the wait.
+            let mut wake = deadline;
+            if let Some(at_ms) = next.0 {
+                let in_ms = at_ms.saturating_sub(now_ms());
+                wake = wake.min(now + Duration::from_millis(in_ms));
+            }
+            if let Some(at) = next.1 {
+                wake = wake.min(at);
+            }
+            let _ = tokio::time::timeout_at(tokio::time::Instant::from_std(wake), notified).await;
+        }
+    }
+
+    async fn extend(&self, lease: &Lease) -> Result<(), QueueError> {
+        let token = Self::token(lease)?;
+        self.shared
+            .sched()
+            .extend(&lease.key, token, Instant::now(), self.shared.lease_time)
+            .map_err(|e| self.lease_error(&lease.key, e))
+    }
+
+    async fn ack(&self, lease: Lease) -> Result<(), QueueError> {
+        let token = Self::token(&lease)?;
+        self.sender("ack")?;
+        let persist = self
+            .shared
+            .sched()
+            .ack(&lease.key, token)
+            .map_err(|e| self.lease_error(&lease.key, e))?;
+        self.persist(lease.key.id, persist).await
+    }
+
+    async fn defer(&self, lease: Lease, retry: Retry) -> Result<(), QueueError> {
+        let token = Self::token(&lease)?;
+        self.sender("defer")?;
+        if retry.recipients.is_empty() {
+            return Err(QueueError::Invalid(format!(
+                "retry of {} without recipients: ack it instead",
+                lease.key
+            )));
+        }
+        let at_ms = lease
+            .expires_at_ms
+            .map_or(retry.at_ms, |expiry| retry.at_ms.min(expiry));
+        let persist = self
+            .shared
+            .sched()
+            .defer(
+                &lease.key,
+                token,
+                &retry.recipients,
+                at_ms,
+                now_ms(),
+                &retry.response,
+            )
+            .map_err(|e| self.lease_error(&lease.key, e))?;
+        self.persist(lease.key.id, persist).await?;
+        self.shared.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn entries(&self, id: QueueId) -> Result<Vec<EntryStatus>, QueueError> {
+        Ok(self.shared.sched().entries(id))
+    }
+
+    async fn retry_now(&self, id: QueueId) -> Result<usize, QueueError> {
+        self.sender("retry")?;
+        let (n, state) = self.shared.sched().retry_now(id, now_ms());
+        if let Some(state) = state {
+            self.persist(id, Persist::State(state)).await?;
+            self.shared.notify.notify_waiters();
+        }
+        Ok(n)
+    }
+
+    async fn request_bounce(&self, id: QueueId, reason: &str) -> Result<usize, QueueError> {
+        self.sender("bounce")?;
+        let (n, state) = self.shared.sched().request_bounce(id, reason, now_ms());
+        if let Some(state) = state {
+            self.persist(id, Persist::State(state)).await?;
+            self.shared.notify.notify_waiters();
+        }
+        Ok(n)
+    }
+
+    async fn backlogs(&self) -> Result<Backlogs, QueueError> {
+        let mut sched = self.shared.sched();
+        sched.reclaim(Instant::now());
+        Ok(sched.backlogs(now_ms()))
     }
 
     fn is_ready(&self) -> bool {
