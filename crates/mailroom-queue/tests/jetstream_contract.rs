@@ -32,6 +32,7 @@ impl Backend for JetStream {
     async fn open(&mut self) -> JetStreamQueue {
         JetStreamQueue::connect(JetStreamOptions {
             urls: vec![self.server.url()],
+            lease_time: LEASE,
             ..JetStreamOptions::default()
         })
         .await
@@ -59,6 +60,7 @@ async fn jetstream_contract_with_object_bodies() {
             JetStreamQueue::connect(JetStreamOptions {
                 urls: vec![self.0.server.url()],
                 inline_max: Some(0),
+                lease_time: LEASE,
                 ..JetStreamOptions::default()
             })
             .await

@@ -14,12 +14,20 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{Envelope, QueueId, Recipient};
+use crate::{DeliveryState, Envelope, QueueId, Recipient};
 
 /// Every entry subject starts with this prefix; the stream's only subject is `mailroom.q.>`.
 pub(crate) const SUBJECT_PREFIX: &str = "mailroom.q.";
-/// The stream subject filter.
+/// The subject filter of every entry due now (what the workers' consumers read).
 pub(crate) const SUBJECT_ALL: &str = "mailroom.q.>";
+/// Every deferred entry's subject starts with this prefix:
+/// `mailroom.d.<policy>.<queue-id>.<domain>` holds one message with a `Nats-Schedule` that
+/// publishes it to `mailroom.q.<policy>.<domain>` at its retry time.
+pub(crate) const DEFERRED_PREFIX: &str = "mailroom.d.";
+/// The subject filter of every deferred entry.
+pub(crate) const DEFERRED_ALL: &str = "mailroom.d.>";
+/// Both (scans and per-subject counts).
+pub(crate) const EVERYTHING: &str = "mailroom.>";
 /// Header: the queue id of the message the entry belongs to.
 pub(crate) const HEADER_ID: &str = "Mailroom-Id";
 /// Header: length of the JSON metadata at the start of the payload.
@@ -53,6 +61,52 @@ pub(crate) struct EntryMeta {
     pub body: BodyRef,
     /// The envelope, with only this domain's recipients.
     pub envelope: Envelope,
+    /// The delivery history (absent in entries never deferred).
+    #[serde(default, skip_serializing_if = "is_fresh")]
+    pub state: DeliveryState,
+}
+
+fn is_fresh(state: &DeliveryState) -> bool {
+    *state == DeliveryState::default()
+}
+
+/// Where an entry is: due (`mailroom.q.<policy>.<domain>`) or deferred
+/// (`mailroom.d.<policy>.<id>.<domain>`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Place {
+    Due {
+        policy: String,
+        domain: String,
+    },
+    Deferred {
+        policy: String,
+        id: QueueId,
+        domain: String,
+    },
+}
+
+/// The subject of a deferred entry.
+pub(crate) fn deferred_subject(policy: &str, id: QueueId, domain: &str) -> String {
+    format!(
+        "{DEFERRED_PREFIX}{}.{id}.{}",
+        token(policy, false),
+        token(domain, true)
+    )
+}
+
+/// Parses a due or deferred entry subject.
+pub(crate) fn parse_place(subject: &str) -> Option<Place> {
+    if let Some((policy, domain)) = parse_subject(subject) {
+        return Some(Place::Due { policy, domain });
+    }
+    let rest = subject.strip_prefix(DEFERRED_PREFIX)?;
+    let (policy, rest) = rest.split_once('.')?;
+    let (id, domain) = rest.split_once('.')?;
+    Some(Place::Deferred {
+        policy: untoken(policy)?,
+        id: id.parse().ok()?,
+        domain: untoken(domain)?,
+    })
 }
 
 /// One entry to publish: the recipients of one destination domain.
@@ -368,6 +422,7 @@ mod tests {
                 body_size: 0,
                 body: BodyRef::Inline,
                 envelope: p.envelope.clone(),
+                state: DeliveryState::default(),
             })
             .collect();
         assert_eq!(merge_envelopes(&metas), Some(envelope));
@@ -391,6 +446,7 @@ mod tests {
             body_size: 5,
             body: BodyRef::Inline,
             envelope,
+            state: DeliveryState::default(),
         };
         let json = serde_json::to_vec(&meta).unwrap();
         let payload = encode_payload(&json, Some(&Bytes::from_static(b"hello")));

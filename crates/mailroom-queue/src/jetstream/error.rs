@@ -96,6 +96,22 @@ pub enum JetStreamError {
         /// What check failed.
         reason: String,
     },
+    /// A worker consumer operation failed (create, fetch, ack).
+    #[error("jetstream: {op} (consumer {consumer}, stream {stream}): {source}")]
+    Consumer {
+        /// The operation.
+        op: &'static str,
+        /// The consumer name.
+        consumer: String,
+        /// The stream.
+        stream: String,
+        /// The client error.
+        #[source]
+        source: BoxError,
+    },
+    /// The caller passed something the queue cannot do.
+    #[error("jetstream: {0}")]
+    Invalid(String),
     /// An operation did not complete in time.
     #[error("jetstream: {op} timed out after {after:?}")]
     Timeout {
@@ -119,6 +135,7 @@ impl From<JetStreamError> for QueueError {
                 path: PathBuf::from(format!("nats:{stream}/{seq}")),
                 reason: format!("{subject}: {reason}"),
             },
+            JetStreamError::Invalid(reason) => QueueError::Invalid(reason),
             other => QueueError::Unavailable(other.to_string()),
         }
     }

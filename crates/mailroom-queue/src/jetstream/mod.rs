@@ -111,6 +111,7 @@ mod body;
 mod entry;
 mod error;
 mod scan;
+mod worker;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -128,8 +129,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::{
-    Backlogs, EntryStatus, EntrySummary, Lease, LeaseRequest, Queue, QueueError, QueueId,
-    QueueStats, Retry, StoredMessage,
+    Backlogs, DeliveryState, EntryStatus, EntrySummary, Lease, LeaseRequest, Queue, QueueError,
+    QueueId, QueueStats, Retry, StoredMessage,
 };
 use body::Bodies;
 use entry::{BodyRef, EntryMeta, PlannedEntry};
@@ -242,6 +243,11 @@ pub struct JetStreamOptions {
     /// Largest body stored inline in the entries. Default (and upper bound): the server's
     /// `max_payload` minus 64 KiB.
     pub inline_max: Option<usize>,
+    /// A worker's lease on an entry (the consumers' `ack_wait`). Default 5 minutes.
+    pub lease_time: Duration,
+    /// Entries leased at once per policy, over all workers (the consumers' `max_ack_pending`).
+    /// Default 20,000.
+    pub max_leased: i64,
 }
 
 impl Default for JetStreamOptions {
@@ -258,11 +264,18 @@ impl Default for JetStreamOptions {
             publish_timeout: Duration::from_secs(10),
             body_bucket: "MAILROOM_BODIES".into(),
             inline_max: None,
+            lease_time: Duration::from_secs(300),
+            max_leased: 20_000,
         }
     }
 }
 
 impl JetStreamOptions {
+    /// The KV bucket of operator requests (`bounce.<queue id>`).
+    pub fn admin_bucket(&self) -> String {
+        format!("{}_ADMIN", self.stream)
+    }
+
     /// The KV bucket that holds the bodies' reference counts.
     pub fn refs_bucket(&self) -> String {
         format!("{}_REFS", self.body_bucket)
@@ -317,6 +330,15 @@ impl JetStreamOptions {
         if self.publish_timeout.is_zero() {
             return Err(config("publish_timeout", "must be positive".into()));
         }
+        if self.lease_time < Duration::from_millis(100) {
+            return Err(config(
+                "lease_time",
+                format!("{:?} is too short (at least 100ms)", self.lease_time),
+            ));
+        }
+        if self.max_leased < 1 {
+            return Err(config("max_leased", "must be positive".into()));
+        }
         if let Some(tls) = &self.tls {
             if tls.cert_file.is_some() != tls.key_file.is_some() {
                 return Err(config(
@@ -365,6 +387,8 @@ struct Shared {
 struct Resources {
     stream: jetstream::stream::Stream,
     bodies: Bodies,
+    /// Operator requests (`bounce.<queue id>` = reason).
+    admin: jetstream::kv::Store,
 }
 
 struct Inner {
@@ -374,6 +398,12 @@ struct Inner {
     shared: Arc<Shared>,
     resources: RwLock<Option<Resources>>,
     setup_lock: tokio::sync::Mutex<()>,
+    /// The workers' pull consumers, by policy.
+    consumers: tokio::sync::Mutex<HashMap<String, worker::Consumer>>,
+    /// Bounce requests by queue id, mirrored from the admin bucket by a watcher.
+    bounces: Arc<RwLock<HashMap<QueueId, String>>>,
+    /// The admin bucket watcher, once started.
+    watcher: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The JetStream queue. Cheap to share behind an `Arc`; dropping it stops its supervisor task
@@ -396,6 +426,15 @@ impl fmt::Debug for JetStreamQueue {
 impl Drop for JetStreamQueue {
     fn drop(&mut self) {
         self.supervisor.abort();
+        if let Some(watcher) = self
+            .inner
+            .watcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            watcher.abort();
+        }
     }
 }
 
@@ -428,6 +467,9 @@ impl JetStreamQueue {
             shared: Arc::clone(&shared),
             resources: RwLock::new(None),
             setup_lock: tokio::sync::Mutex::new(()),
+            consumers: tokio::sync::Mutex::new(HashMap::new()),
+            bounces: Arc::new(RwLock::new(HashMap::new())),
+            watcher: std::sync::Mutex::new(None),
         });
         let supervisor = tokio::spawn(supervise(Arc::downgrade(&inner), shared));
         let queue = JetStreamQueue { inner, supervisor };
@@ -558,6 +600,9 @@ struct Outgoing {
     msg_id: String,
     headers: HeaderMap,
     payload: Bytes,
+    /// A `duplicate` PubAck must point at an entry that still exists (enqueue: else the id
+    /// was used before). Not for deferrals: a duplicate there is our own earlier attempt.
+    verify_duplicate: bool,
 }
 
 impl Inner {
@@ -582,7 +627,9 @@ impl Inner {
             description: Some(
                 "Mailroom queue: one entry per message and destination domain".into(),
             ),
-            subjects: vec![entry::SUBJECT_ALL.into()],
+            subjects: vec![entry::SUBJECT_ALL.into(), entry::DEFERRED_ALL.into()],
+            // Deferred entries wait as scheduled messages (ADR-51, nats-server 2.12+).
+            allow_message_schedules: true,
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
             storage,
             num_replicas: o.replicas,
@@ -644,27 +691,20 @@ impl Inner {
         };
         let refs_bucket = o.refs_bucket();
         let refs = self
-            .js
-            .create_or_update_key_value(jetstream::kv::Config {
-                bucket: refs_bucket.clone(),
-                description: "Mailroom body reference counts (entries left per queue id)".into(),
-                history: 1,
-                max_age: o.max_age,
-                storage,
-                num_replicas: o.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                Setup::Transient(JetStreamError::Kv {
-                    op: "create bucket",
-                    bucket: refs_bucket.clone(),
-                    key: String::new(),
-                    source: boxed(e),
-                })
-            })?;
+            .kv_bucket(
+                &refs_bucket,
+                "Mailroom body reference counts (entries left per queue id)",
+            )
+            .await?;
+        let admin = self
+            .kv_bucket(
+                &o.admin_bucket(),
+                "Mailroom operator requests (bounce.<queue id>)",
+            )
+            .await?;
         let resources = Resources {
             stream,
+            admin,
             bodies: Bodies {
                 objects,
                 bucket: o.body_bucket.clone(),
@@ -679,6 +719,64 @@ impl Inner {
         self.shared.ready.store(true, Ordering::SeqCst);
         tracing::info!(stream = %o.stream, "jetstream queue ready");
         Ok(())
+    }
+
+    /// Creates or updates a KV bucket with the stream's storage, replicas and max age.
+    async fn kv_bucket(
+        &self,
+        bucket: &str,
+        description: &str,
+    ) -> Result<jetstream::kv::Store, Setup> {
+        let o = &self.options;
+        self.js
+            .create_or_update_key_value(jetstream::kv::Config {
+                bucket: bucket.to_string(),
+                description: description.to_string(),
+                history: 1,
+                max_age: o.max_age,
+                storage: match o.storage {
+                    Storage::File => jetstream::stream::StorageType::File,
+                    Storage::Memory => jetstream::stream::StorageType::Memory,
+                },
+                num_replicas: o.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                Setup::Transient(JetStreamError::Kv {
+                    op: "create bucket",
+                    bucket: bucket.to_string(),
+                    key: String::new(),
+                    source: boxed(e),
+                })
+            })
+    }
+
+    /// The stream's entry count per subject, parsed (due or deferred).
+    async fn subject_counts(
+        &self,
+        resources: &Resources,
+    ) -> Result<Vec<(entry::Place, u64)>, JetStreamError> {
+        let stream_err = |source: BoxError| JetStreamError::Stream {
+            op: "info with subjects",
+            stream: self.options.stream.clone(),
+            source,
+        };
+        let subjects = resources
+            .stream
+            .info_with_subjects(entry::EVERYTHING)
+            .await
+            .map_err(|e| stream_err(boxed(e)))?;
+        let mut subjects = std::pin::pin!(subjects);
+        let mut out = Vec::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, count) = item.map_err(|e| stream_err(boxed(e)))?;
+            match entry::parse_place(&subject) {
+                Some(place) => out.push((place, count as u64)),
+                None => tracing::warn!(%subject, "unexpected subject in the queue stream"),
+            }
+        }
+        Ok(out)
     }
 
     /// The resources of the last successful setup.
@@ -732,6 +830,7 @@ impl Inner {
                 body_size,
                 body,
                 envelope: p.envelope.clone(),
+                state: DeliveryState::default(),
             };
             serde_json::to_vec(&meta).map_err(|e| JetStreamError::Publish {
                 stream: self.options.stream.clone(),
@@ -809,6 +908,7 @@ impl Inner {
                     msg_id: p.msg_id.clone(),
                     headers,
                     payload,
+                    verify_duplicate: true,
                 }
             })
             .collect();
@@ -888,7 +988,7 @@ impl Inner {
             };
             let error = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Ok(ack)) => {
-                    if ack.duplicate {
+                    if ack.duplicate && outgoing.verify_duplicate {
                         self.check_duplicate(resources, outgoing, id, ack.sequence)
                             .await
                             .map_err(publish_err)?;
@@ -1084,24 +1184,10 @@ impl Inner {
         &self,
         resources: &Resources,
     ) -> Result<BTreeMap<String, u64>, JetStreamError> {
-        let stream_err = |source: BoxError| JetStreamError::Stream {
-            op: "info with subjects",
-            stream: self.options.stream.clone(),
-            source,
-        };
-        let subjects = resources
-            .stream
-            .info_with_subjects(entry::SUBJECT_ALL)
-            .await
-            .map_err(|e| stream_err(boxed(e)))?;
-        let mut subjects = std::pin::pin!(subjects);
         let mut by_domain: BTreeMap<String, u64> = BTreeMap::new();
-        while let Some(item) = subjects.next().await {
-            let (subject, count) = item.map_err(|e| stream_err(boxed(e)))?;
-            match entry::parse_subject(&subject) {
-                Some((_policy, domain)) => *by_domain.entry(domain).or_default() += count as u64,
-                None => tracing::warn!(%subject, "unexpected subject in the queue stream"),
-            }
+        for (place, count) in self.subject_counts(resources).await? {
+            let (entry::Place::Due { domain, .. } | entry::Place::Deferred { domain, .. }) = place;
+            *by_domain.entry(domain).or_default() += count;
         }
         by_domain.retain(|_, n| *n > 0);
         Ok(by_domain)
@@ -1152,30 +1238,38 @@ impl Inner {
 
 #[async_trait::async_trait]
 impl Queue for JetStreamQueue {
-    async fn lease(&self, _request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
-        Err(QueueError::Unavailable("TODO jetstream lease".into()))
+    async fn lease(&self, request: &LeaseRequest) -> Result<Vec<Lease>, QueueError> {
+        Ok(self.inner.lease(request).await?)
     }
-    async fn extend(&self, _lease: &Lease) -> Result<(), QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+
+    async fn extend(&self, lease: &Lease) -> Result<(), QueueError> {
+        Ok(self.inner.extend(lease).await?)
     }
-    async fn ack(&self, _lease: Lease) -> Result<(), QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+
+    async fn ack(&self, lease: Lease) -> Result<(), QueueError> {
+        Ok(self.inner.ack(lease).await?)
     }
-    async fn defer(&self, _lease: Lease, _retry: Retry) -> Result<(), QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+
+    async fn defer(&self, lease: Lease, retry: Retry) -> Result<(), QueueError> {
+        Ok(self.inner.defer(lease, retry).await?)
     }
-    async fn entries(&self, _id: QueueId) -> Result<Vec<EntryStatus>, QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+
+    async fn entries(&self, id: QueueId) -> Result<Vec<EntryStatus>, QueueError> {
+        Ok(self.inner.entry_statuses(id).await?)
     }
-    async fn retry_now(&self, _id: QueueId) -> Result<usize, QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+
+    async fn retry_now(&self, id: QueueId) -> Result<usize, QueueError> {
+        Ok(self.inner.retry_now(id, None).await?)
     }
-    async fn request_bounce(&self, _id: QueueId, _reason: &str) -> Result<usize, QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+
+    async fn request_bounce(&self, id: QueueId, reason: &str) -> Result<usize, QueueError> {
+        Ok(self.inner.request_bounce(id, reason).await?)
     }
+
     async fn backlogs(&self) -> Result<Backlogs, QueueError> {
-        Err(QueueError::Unavailable("TODO".into()))
+        Ok(self.inner.backlogs().await?)
     }
+
     async fn enqueue(&self, message: StoredMessage) -> Result<(), QueueError> {
         let id = message.envelope.id;
         self.inner.enqueue(message).await.map_err(|e| {

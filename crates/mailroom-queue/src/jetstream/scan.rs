@@ -93,7 +93,7 @@ pub(crate) async fn scan(
                 (None, Start::Time(ms)) => Some(entry::rfc3339_from_ms(ms)),
                 _ => None,
             },
-            next_by_subj: entry::SUBJECT_ALL,
+            next_by_subj: entry::EVERYTHING,
             batch: BATCH,
             max_bytes: MAX_BYTES,
         };
