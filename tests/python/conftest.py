@@ -487,6 +487,11 @@ class MailroomServer:
 
     def queue_show(self, qid: str) -> tuple[dict, bytes]:
         """(envelope JSON, stored message bytes) of `mailroom queue show ID`."""
+        head, body = self.queue_show_full(qid)
+        return head["envelope"], body
+
+    def queue_show_full(self, qid: str) -> tuple[dict, bytes]:
+        """({"envelope", "entries"} JSON, stored message bytes) of `mailroom queue show ID`."""
         out = self.queue_cli("show", qid).stdout
         head, sep, body = out.partition(b"\n\n")
         assert sep, f"unexpected `queue show` output: {out[:500]!r}"

@@ -183,13 +183,57 @@ def test_queue_cli(mailroom):
     assert stats["bytes"] > 0
     assert stats["by_domain"] == {"example.test": 1}
     assert stats["oldest_received_at"]
+    assert 0 <= stats["oldest_age_seconds"] < 60
+    # one destination entry, due now, nobody delivering it
+    assert stats["backlog"] == {"default": {"ready": 1, "deferred": 0, "leased": 0}}
     (entry,) = mailroom.queue_list()
     assert entry["recipients"] == 2 and entry["domains"] == ["example.test"]
     assert entry["size"] == stats["bytes"]
-    env, body = mailroom.queue_show(entry["id"])
+    head, body = mailroom.queue_show_full(entry["id"])
     assert len(body) == entry["size"]
+    assert head["envelope"]["id"] == entry["id"]
+    (e,) = head["entries"]
+    assert e["domain"] == "example.test"
+    assert e["recipients"] == ["x@example.test", "y@EXAMPLE.TEST"]
+    assert e["attempts"] == 0 and e["last_response"] is None and e["bounce_requested"] is None
     # unknown and malformed ids fail with a message
     p = mailroom.queue_cli("show", "01ARZ3NDEKTSV4RRFFQ69G5FAV", check=False)
     assert p.returncode != 0 and b"01ARZ3NDEKTSV4RRFFQ69G5FAV" in p.stderr
     p = mailroom.queue_cli("show", "not-an-id", check=False)
     assert p.returncode != 0 and b"not-an-id" in p.stderr
+
+
+@pytest.fixture
+def two_domain_server(mailroom_factory):
+    listener = {"name": "smtp", "acceptedDomains": ["example.test", "other.example"]}
+    return mailroom_factory.make(listeners=[listener])
+
+
+def test_queue_retry_and_bounce(two_domain_server):
+    server = two_domain_server
+    """retry/bounce change the spool, so the local backend refuses them while a server holds
+    it (naming the lock); with the server stopped they work and `show` reflects them."""
+    with smtplib.SMTP("127.0.0.1", server.port(), timeout=IO_TIMEOUT) as s:
+        s.sendmail("a@client.example.org", ["x@example.test", "z@other.example"], b"Subject: b\r\n\r\nb\r\n")
+    (entry,) = server.queue_list()
+    qid = entry["id"]
+    busy = server.queue_cli("bounce", qid, check=False)
+    assert busy.returncode != 0
+    assert b"lock" in busy.stderr, busy.stderr
+    assert server.stop() == 0
+    # nothing is deferred yet: retry changes nothing, and says so
+    p = server.queue_cli("retry", qid)
+    assert p.stdout.startswith(b"0 deferred entries of 1 messages"), p.stdout
+    p = server.queue_cli("retry", "--all")
+    assert b"of 1 messages" in p.stdout, p.stdout
+    p = server.queue_cli("bounce", qid, "--reason", "spam run")
+    assert p.stdout.startswith(b"2 entries"), p.stdout
+    head, _ = server.queue_show_full(qid)
+    assert [e["domain"] for e in head["entries"]] == ["example.test", "other.example"]
+    assert all(e["bounce_requested"] == "spam run" for e in head["entries"])
+    # the mark is durable: a new server keeps it
+    server.start()
+    head, _ = server.queue_show_full(qid)
+    assert all(e["bounce_requested"] == "spam run" for e in head["entries"])
+    unknown = server.queue_cli("retry", "not-an-id", check=False)
+    assert unknown.returncode != 0 and b"not-an-id" in unknown.stderr

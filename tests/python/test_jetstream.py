@@ -161,6 +161,28 @@ def test_queue_delete_removes_every_entry(mailroom_factory, nats):
     assert again.returncode == 1 and "no message" in again.stderr.decode()
 
 
+def test_queue_cli_backlog_bounce_retry_while_serving(mailroom_factory, nats):
+    """Against JetStream the changing admin commands work while the server runs."""
+    server = jetstream_server(mailroom_factory, nats)
+    code, resp = send(server.port(), ["a@example.test", "b@other.test"])
+    assert code == 250, resp
+    qid = resp.rsplit(" ", 1)[-1]
+    stats = server.queue_stats()
+    assert stats["backend"] == "jetstream"
+    assert stats["backlog"] == {"default": {"ready": 2, "deferred": 0, "leased": 0}}, stats
+    assert 0 <= stats["oldest_age_seconds"] < 60
+    p = server.queue_cli("retry", qid)
+    assert p.stdout.startswith(b"0 deferred entries"), p.stdout
+    p = server.queue_cli("bounce", qid, "--reason", "operator says no")
+    assert p.stdout.startswith(b"2 entries"), p.stdout
+    head, _ = server.queue_show_full(qid)
+    assert sorted(e["domain"] for e in head["entries"]) == ["example.test", "other.test"]
+    assert all(e["bounce_requested"] == "operator says no" for e in head["entries"]), head
+    assert all(e["attempts"] == 0 for e in head["entries"])
+    missing = server.queue_cli("bounce", "01ARZ3NDEKTSV4RRFFQ69G5FAV", check=False)
+    assert missing.returncode == 1 and b"no message" in missing.stderr
+
+
 def test_inbound_needs_the_cluster_queue_and_serves_with_it(tmp_path, nats):
     from conftest import MAILROOM_BIN
     local = tmp_path / "local.yaml"

@@ -1,5 +1,9 @@
-//! `mailroom queue stats|list|show ID`: read-only views of the queue: the local spool (safe
-//! while a server runs) or the JetStream stream named by `queue.jetstream`.
+//! `mailroom queue stats|list|show|retry|bounce|delete`: the queue as an operator sees it: the
+//! local spool or the JetStream stream named by `queue.jetstream`.
+//!
+//! `stats`, `list` and `show` are read-only and safe while a server runs. `retry`, `bounce`
+//! and `delete` change the queue: against JetStream at any time; against the local spool only
+//! while no server holds it (its lock file).
 
 use std::path::PathBuf;
 
@@ -13,7 +17,9 @@ use crate::load_config;
 /// What to show.
 #[derive(Debug, Subcommand)]
 pub enum QueueAction {
-    /// Counts, bytes, oldest message, messages per destination domain (JSON).
+    /// Counts, bytes, oldest message and its age, messages per destination domain, and the
+    /// backlog per delivery policy: ready (due now), deferred (waiting for a retry time),
+    /// leased (being delivered) (JSON).
     Stats,
     /// Queued messages, oldest first (one JSON object per line).
     List {
@@ -21,10 +27,28 @@ pub enum QueueAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// One message: envelope (JSON) then the message text.
+    /// One message: envelope and the delivery state of each destination entry (attempts,
+    /// last response, next attempt) as JSON, then the message text.
     Show {
         /// Queue id (ULID).
         id: String,
+    },
+    /// Make a message's deferred entries due now (the next worker tries them at once).
+    Retry {
+        /// Queue id (ULID); omit with --all.
+        id: Option<String>,
+        /// Every message in the queue.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+    /// Return a message to its sender instead of delivering it: every entry is marked, and
+    /// the worker that next takes it sends the non-delivery report.
+    Bounce {
+        /// Queue id (ULID).
+        id: String,
+        /// The reason given in the report.
+        #[arg(long, default_value = "removed from the queue by the postmaster")]
+        reason: String,
     },
     /// Remove a message for good (every destination entry and its body). The local spool
     /// allows this only while no server holds it.
@@ -55,21 +79,55 @@ pub fn run(
         (Some(_), None) => mailroom_config::QueueSpec::default(),
         _ => load_config(config)?.queue,
     };
+    // Malformed ids are refused before the queue is opened.
+    match &action {
+        QueueAction::Show { id }
+        | QueueAction::Delete { id }
+        | QueueAction::Bounce { id, .. }
+        | QueueAction::Retry { id: Some(id), .. } => {
+            parse_id(id)?;
+        }
+        _ => {}
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let writes = matches!(action, QueueAction::Delete { .. });
-        let q = open_queue(&queue_spec, spool.as_deref(), !writes).await?;
+        let writes = matches!(
+            action,
+            QueueAction::Delete { .. } | QueueAction::Retry { .. } | QueueAction::Bounce { .. }
+        );
+        let q = open_queue(&queue_spec, spool.as_deref(), !writes)
+            .await
+            .map_err(|e| {
+                let locked = e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<mailroom_queue::QueueError>(),
+                        Some(mailroom_queue::QueueError::Locked { .. })
+                    )
+                });
+                if locked {
+                    e.context(
+                        "a running mailroom holds this spool: stop it first, or use the \
+                         jetstream queue, which allows changes while servers run",
+                    )
+                } else {
+                    e
+                }
+            })?;
         match action {
             QueueAction::Stats => {
                 let s = q.stats().await?;
+                let backlog = q.backlogs().await?;
+                let now = mailroom_queue::now_ms();
                 let out = serde_json::json!({
                     "backend": q.backend(),
                     "messages": s.messages,
                     "bytes": s.bytes,
                     "oldest_received_at": s.oldest_received_at_ms.map(millis_to_rfc3339),
+                    "oldest_age_seconds": s.oldest_received_at_ms.map(|at| now.saturating_sub(at) / 1000),
                     "by_domain": s.by_domain,
+                    "backlog": backlog,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
@@ -92,9 +150,46 @@ pub fn run(
                     .get(qid)
                     .await?
                     .with_context(|| format!("no message {id} in the {} queue", q.backend()))?;
-                println!("{}", serde_json::to_string_pretty(&m.envelope)?);
+                let entries: Vec<serde_json::Value> = q
+                    .entries(qid)
+                    .await?
+                    .into_iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "domain": e.key.domain,
+                            "recipients": e.recipients,
+                            "attempts": e.state.attempts,
+                            "last_attempt_at": e.state.last_attempt_ms.map(millis_to_rfc3339),
+                            "last_response": e.state.last_response,
+                            "next_attempt_at": (e.state.next_attempt_ms > 0)
+                                .then(|| millis_to_rfc3339(e.state.next_attempt_ms)),
+                            "bounce_requested": e.state.bounce_requested,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({ "envelope": m.envelope, "entries": entries });
+                println!("{}", serde_json::to_string_pretty(&out)?);
                 println!();
                 print!("{}", String::from_utf8_lossy(&m.body));
+            }
+            QueueAction::Retry { id, all } => {
+                let ids = match (id, all) {
+                    (Some(id), false) => vec![parse_id(&id)?],
+                    (None, true) => q.list(usize::MAX).await?.into_iter().map(|e| e.id).collect(),
+                    _ => anyhow::bail!("queue retry: give a queue id or --all"),
+                };
+                let mut entries = 0;
+                for id in &ids {
+                    entries += q.retry_now(*id).await?;
+                }
+                println!("{entries} deferred entries of {} messages are due now", ids.len());
+            }
+            QueueAction::Bounce { id, reason } => {
+                let n = q.request_bounce(parse_id(&id)?, &reason).await?;
+                if n == 0 {
+                    anyhow::bail!("no message {id} in the {} queue", q.backend());
+                }
+                println!("{n} entries of {id} marked for bounce: {reason}");
             }
             QueueAction::Delete { id } => {
                 if !q.delete(parse_id(&id)?).await? {
