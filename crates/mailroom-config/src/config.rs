@@ -127,6 +127,9 @@ pub struct LocalQueueSpec {
     /// spool's file system once per batch (fastest; put the spool on its own volume), `file`
     /// fdatasyncs every message file (for a spool that shares a busy file system).
     pub sync: SpoolSync,
+    /// How long a delivery worker holds a message without extending its lease; after that a
+    /// worker that died has its messages handed out again. Default 5m.
+    pub lease_time: HumanDuration,
 }
 
 impl Default for LocalQueueSpec {
@@ -135,6 +138,7 @@ impl Default for LocalQueueSpec {
             path: "./spool".to_owned(),
             max_batch: 256,
             sync: SpoolSync::default(),
+            lease_time: HumanDuration::from_secs(300),
         }
     }
 }
@@ -175,6 +179,12 @@ pub struct JetStreamQueueSpec {
     /// How long the inbound server waits for the publish acknowledgement before it answers
     /// `451 4.3.0`. Default 10s.
     pub publish_timeout: HumanDuration,
+    /// How long a delivery worker holds an entry without extending its lease (the consumers'
+    /// `ack_wait`); after that a worker that died has its entries handed out again. Default 5m.
+    pub lease_time: HumanDuration,
+    /// Most entries of one delivery policy leased at once over all workers (the consumers'
+    /// `max_ack_pending`). Default 20000.
+    pub max_leased: u32,
 }
 
 impl Default for JetStreamQueueSpec {
@@ -192,6 +202,8 @@ impl Default for JetStreamQueueSpec {
             storage: StreamStorage::default(),
             max_age: HumanDuration::from_secs(7 * 24 * 3600),
             publish_timeout: HumanDuration::from_secs(10),
+            lease_time: HumanDuration::from_secs(300),
+            max_leased: 20_000,
         }
     }
 }

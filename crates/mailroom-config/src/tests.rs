@@ -496,3 +496,16 @@ fn hostname_falls_back_to_the_system() {
     listener.hostname = Some("mx.example.test".into());
     assert_eq!(config.listener_hostname(&listener), "mx.example.test");
 }
+
+#[test]
+fn lease_times_are_bounded() {
+    let found = problems(&with_listener(
+        "queue:\n  local:\n    path: ./spool\n    leaseTime: 0s\n",
+    ));
+    assert_problem(&found, "queue.local.leaseTime", "between 1s and 12h");
+    let found = problems(&with_listener(
+        "queue:\n  jetstream:\n    leaseTime: 13h\n    maxLeased: 0\n",
+    ));
+    assert_problem(&found, "queue.jetstream.leaseTime", "between 1s and 12h");
+    assert_problem(&found, "queue.jetstream.maxLeased", "");
+}

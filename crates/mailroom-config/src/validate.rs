@@ -334,6 +334,7 @@ fn check_queue(queue: &QueueSpec, p: &mut Problems) {
             local.max_batch.into(),
             1..=65_536,
         );
+        check_lease_time("queue.local.leaseTime", &local.lease_time, p);
     }
     if let Some(js) = &queue.jetstream {
         check_jetstream(js, p);
@@ -410,6 +411,22 @@ fn check_jetstream(js: &JetStreamQueueSpec, p: &mut Problems) {
     }
     if js.max_age.is_zero() {
         p.push("queue.jetstream.maxAge", "must be above 0s");
+    }
+    check_lease_time("queue.jetstream.leaseTime", &js.lease_time, p);
+    p.range(
+        "queue.jetstream.maxLeased".to_owned(),
+        js.max_leased.into(),
+        1..=1_000_000,
+    );
+}
+
+fn check_lease_time(field: &str, lease_time: &crate::HumanDuration, p: &mut Problems) {
+    let d = lease_time.as_duration();
+    if d < std::time::Duration::from_secs(1) || d > std::time::Duration::from_secs(12 * 3600) {
+        p.push(
+            field,
+            format!("{lease_time}: use between 1s and 12h (a delivery extends it while it runs)"),
+        );
     }
 }
 

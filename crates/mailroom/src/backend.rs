@@ -51,6 +51,8 @@ pub fn jetstream_options(spec: &JetStreamQueueSpec) -> anyhow::Result<JetStreamO
         },
         max_age: spec.max_age.as_duration(),
         publish_timeout: spec.publish_timeout.as_duration(),
+        lease_time: spec.lease_time.as_duration(),
+        max_leased: i64::from(spec.max_leased),
         ..JetStreamOptions::default()
     })
 }
@@ -92,7 +94,7 @@ pub async fn open_queue(
             LocalOptions {
                 max_batch: local.max_batch as usize,
                 sync,
-                ..LocalOptions::default()
+                lease_time: local.lease_time.as_duration(),
             },
         )
         .await
