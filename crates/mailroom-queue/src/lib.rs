@@ -13,31 +13,24 @@
 //! - [`jetstream`]: NATS JetStream, the shared queue of the cluster (one work-queue stream, one
 //!   entry per destination domain, large bodies in an Object Store bucket).
 //!
-//! # Design note: what comes next
+//! # Delivery side
 //!
-//! This first cut covers reception (enqueue, inspect, delete). The delivery side follows the
-//! JetStream semantics in DESIGN.md and will extend the trait without changing what is here:
+//! Workers [`Queue::lease`] domain entries (one message's recipients at one destination
+//! domain; see [`Lease`] for the whole contract), [`Queue::extend`] the lease while a delivery
+//! runs, and end it with [`Queue::ack`] (final outcome) or [`Queue::defer`] (transient failure:
+//! pending recipients, attempt count, last response and retry time are stored; the retry time
+//! is clamped to the policy's maximum age, and an entry past it is leased with
+//! [`Lease::expired`] set so the worker bounces it). A lease not ended in time is handed out
+//! again. Operators use [`Queue::retry_now`], [`Queue::request_bounce`], [`Queue::entries`] and
+//! [`Queue::backlogs`] (ready / deferred / leased per policy: the autoscaler scales on
+//! `ready`).
 //!
-//! - **lease / ack / defer / redelivery**: a worker calls `lease(policy, max, lease_for)` and gets
-//!   messages nobody else holds; it ends each lease with `ack(id)` (final outcome: delivered or
-//!   bounced, the entry is removed; [`Queue::delete`] is the current form of that), or
-//!   `defer(id, until, updated_envelope)` (transient failure: the envelope, with the
-//!   recipients still pending and the attempt count, is rewritten and becomes leasable again at
-//!   `until`). A lease not ended before it expires (crashed worker) is redelivered. In the
-//!   local backend leases live in memory only (a restart redelivers everything, which is the
-//!   at-least-once contract), `defer` rewrites the file through the same write/fsync/rename
-//!   pipeline and group commit as `enqueue`, and a due-time index sits next to the age index.
-//! - **expiry**: the policy's maximum queue lifetime is checked by the worker against
-//!   [`Envelope::received_at_ms`]; an expired message is bounced and acked.
-//! - **jetstream backend** (reception side done, see [`jetstream`]): one stream with work-queue
-//!   retention, one entry per message and destination domain on `mailroom.q.<policy>.<domain>`,
-//!   `<queue id>.<domain>` as `Nats-Msg-Id`. Consequence for the trait: the unit a worker leases,
-//!   acks and defers is one *domain entry* (queue id + domain), not the whole message; the local
-//!   backend can lease whole messages and present them per domain.
-//! - **one contract**: `contract` (feature `testing`) holds the backend-independent test-suite,
-//!   generic over a `contract::Backend` factory; `tests/contract.rs` runs it for `local`,
-//!   `tests/jetstream_contract.rs` for `jetstream` (real nats-servers from `mailroom-testkit`).
-//!   The lease/ack/defer checks join it with the trait methods.
+//! - `local`: delivery state in `queue/<id>.state` next to the immutable message file, written
+//!   through the same group commit; leases in memory (a restart hands everything out again).
+//! - `jetstream`: one durable pull consumer per policy; deferred entries wait as scheduled
+//!   messages outside the consumers' subjects (see [`jetstream`]).
+//!
+//! One contract test-suite, `contract` (feature `testing`), runs against both backends.
 //!
 //! The envelope is stored as JSON, so new optional fields (attempts, next attempt, per-recipient
 //! state) can be added without rewriting spooled messages.

@@ -56,56 +56,16 @@
 //! (it waits up to `publish_timeout`, then returns a not-ready queue). A supervisor task re-runs
 //! the stream/bucket setup after each (re)connection, so readiness comes back by itself.
 //!
-//! # Design note for the next increment: worker consumers
+//! # Workers
 //!
-//! What async-nats 0.51 offers and how the worker side should use it:
-//!
-//! - **One durable pull consumer per policy**, filter [`policy_subject_filter`] =
-//!   `mailroom.q.<policy>.>` (work-queue streams require non-overlapping filters per consumer,
-//!   so one consumer per policy, shared by all that policy's workers; the admin scans here use
-//!   Direct Get precisely so they never need a consumer). `stream.get_or_create_consumer(name,
-//!   consumer::pull::Config { durable_name, filter_subject, ack_policy: AckPolicy::Explicit,
-//!   ack_wait, max_deliver: -1, max_ack_pending, .. })`; `consumer.fetch().max_messages(n)
-//!   .expires(d).messages()` or `consumer.batch()` for a lease of up to `n` entries, or the
-//!   long-lived `consumer.messages()` stream with `max_messages_per_batch`.
-//! - **Lease = `ack_wait`**. A running delivery extends it with
-//!   `message.ack_with(AckKind::Progress)` (resets the ack timer to a full `ack_wait`). A worker
-//!   that dies simply stops acking: after `ack_wait` the server redelivers to another worker
-//!   (`message.info()?.delivered` counts deliveries; `Nats-Num-Delivered`-style info is in the
-//!   reply subject, parsed by `info()`). `max_deliver: -1` so mail is never dropped by the
-//!   server; expiry is ours (policy max age vs `Envelope::received_at_ms`).
-//! - **Final outcome** (delivered / bounced / expired): `message.double_ack()` (waits for the
-//!   server's confirmation; plain `ack()` is fire-and-forget), which removes the entry from the
-//!   work-queue stream, then release the body reference (`body.rs` order: entry first, count
-//!   second).
-//! - **Transient failure**: two options.
-//!   (a) `ack_with(AckKind::Nak(Some(delay)))`: the server redelivers after `delay`; cheap, but
-//!   the entry keeps its original envelope (no updated attempt count / remaining recipients
-//!   unless kept elsewhere), the delayed entry counts in `num_ack_pending` (so it occupies
-//!   `max_ack_pending` slots for the whole delay: size it for the deferred backlog), and a
-//!   consumer delete/recreate loses the delays. (b) Republish the updated per-domain entry
-//!   (new envelope: attempts, last response, pending recipients) and ack the old one. For the
-//!   delay, message scheduling (ADR-51, server 2.12+; stream `allow_message_schedules`, which
-//!   async-nats 0.51 exposes as `stream::Config::allow_message_schedules`, and the header
-//!   constants `header::NATS_SCHEDULE` / `NATS_SCHEDULE_TARGET` / `NATS_SCHEDULE_TTL`): publish
-//!   the updated entry to a "deferred" subject `mailroom.d.<policy>.<queue-id>.<domain>` (the
-//!   stream's subjects become `mailroom.q.>` and `mailroom.d.>`; one schedule per subject, so
-//!   the subject must be unique per entry) with `Nats-Schedule: @at <RFC 3339>` and
-//!   `Nats-Schedule-Target: mailroom.q.<policy>.<domain>`; the server publishes it to the
-//!   target at the due time. Use `Nats-Msg-Id` `<queue-id>.<domain>.<attempt>` so a retried
-//!   defer is de-duplicated per attempt. (b) is preferred: deferred mail is then NOT in the
-//!   work-queue subjects the consumers see, which is exactly the split the autoscaler needs.
-//!   Unverified and to measure first (issue 3 asks for it): schedules inside a work-queue
-//!   stream, and their cost per deferred entry compared with a nak.
-//! - **Backlogs**: "deliverable now" = the policy consumer's `num_pending` (not yet delivered)
-//!   plus redeliveries due; with (b)+scheduling it is simply the count of `mailroom.q.<policy>.>`
-//!   entries (stream info with `subjects_filter`, as [`Queue::stats`] does for domains), and
-//!   "deferred" = the count of `mailroom.d.<policy>.>` schedule messages. With (a), deferred =
-//!   `num_ack_pending` minus leases in progress, which the server does not tell apart (another
-//!   reason for (b)). KEDA's JetStream scaler reads consumer `num_pending`, which with (b) does
-//!   not include deferred mail.
-//! - **Body release on ack**: the worker knows the queue id and whether the entry's body is an
-//!   object (metadata), and calls the same CAS decrement as [`Queue::delete`].
+//! See `worker.rs`: one durable pull consumer per policy (`mailroom-<policy>`, filter
+//! `mailroom.q.<policy>.>`, `ack_wait` = lease time, unlimited deliveries); ack = confirmed
+//! `double_ack` plus body release; defer = publish the updated entry as a scheduled message on
+//! `mailroom.d.<policy>.<id>.<domain>` (stream option `allow_msg_schedules`, nats-server
+//! 2.12+) that the server moves back to `mailroom.q.…` at the retry time, then ack. Measured
+//! against nak-with-delay (`bench/RESULTS.md`): schedules keep deferred mail out of the
+//! consumers' ack-pending window (a nak'd entry occupies a `max_ack_pending` slot for its
+//! whole delay) and make "deferred" a separate, countable backlog.
 
 mod body;
 mod entry;
