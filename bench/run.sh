@@ -27,7 +27,10 @@
 #   PEERS_SRC=<repo>/../shared/bench/peers
 #   BENCH_REPS=1
 #   BENCH_SCENARIOS=a,b,c,d,e
-#   BENCH_ONLY=smtp-sink,postfix,haraka-disk-n1,haraka-disk-n2,ours
+#   BENCH_ONLY=smtp-sink,postfix,haraka-disk-n1,haraka-disk-n2,ours,ours-jetstream
+#                                       ours = local spool; ours-jetstream = the JetStream queue
+#                                       on one nats-server (file storage, sync_interval: always),
+#                                       via bench/ours-js-ctl.sh
 #   BENCH_WAIT_QUIET=25                 minutes to wait for a quiet machine; 0 = do not wait
 #   BENCH_IDLE10K=1                     also measure 10,000 idle connections on ours (0 = skip)
 #   BENCH_SETUP=1                       run the peers' setup scripts (0 = assume they are set up)
@@ -45,7 +48,7 @@ WORK=${BENCH_WORK:-/tmp/mailroom-bench}
 PEERS_SRC=${PEERS_SRC:-$(cd "$REPO/.." && pwd)/shared/bench/peers}
 REPS=${BENCH_REPS:-1}
 SCENARIOS=${BENCH_SCENARIOS:-a,b,c,d,e}
-ONLY=${BENCH_ONLY:-smtp-sink,postfix,haraka-disk-n1,haraka-disk-n2,ours}
+ONLY=${BENCH_ONLY:-smtp-sink,postfix,haraka-disk-n1,haraka-disk-n2,ours,ours-jetstream}
 WAIT_QUIET=${BENCH_WAIT_QUIET:-25}
 IDLE10K=${BENCH_IDLE10K:-1}
 OURS_SPOOL=${BENCH_OURS_SPOOL:-delete}
@@ -56,6 +59,7 @@ EXTRA=${BENCH_EXTRA_ARGS:-}
 export BENCH_WORK=$WORK
 export MAILROOM_BIN="$WORK/bin/mailroom"
 OURS_CTL="$BENCH/ours-ctl.sh"
+OURS_JS_CTL="$BENCH/ours-js-ctl.sh"
 PEERS="$WORK/peers"
 
 log() { printf '[run.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
@@ -81,9 +85,11 @@ GIT_AT_BUILD=""
 cleanup() {
   local rc=$?
   set +e
-  log "stopping our server"
+  log "stopping our servers"
   "$OURS_CTL" stop
   "$OURS_CTL" purge-trash
+  "$OURS_JS_CTL" stop
+  "$OURS_JS_CTL" purge-trash
   if [ -n "$STARTED_PEERS" ] && [ -x "$PEERS/peers-ctl.sh" ]; then
     log "stopping peers:$STARTED_PEERS"
     # shellcheck disable=SC2086
@@ -135,9 +141,10 @@ command -v smtp-source >/dev/null || { echo "smtp-source missing after setup" >&
 timeout 30 "$PEERS/peers-ctl.sh" status | sed 's/^/  /' >&2
 
 # --- 3. build (or reuse) -----------------------------------------------------------------------
-if has ours; then
+if has ours || has ours-jetstream; then
   mkdir -p "$WORK/bin"
   "$OURS_CTL" stop   # a server left over from an interrupted run (by its PID file)
+  "$OURS_JS_CTL" stop
   if [ "$BUILD" = 1 ]; then
     log "cargo build --release -p mailroom"
     (cd "$REPO" && timeout 2400 cargo build --release -p mailroom 2>&1 | tail -3)
@@ -151,7 +158,9 @@ if has ours; then
     log "BENCH_BUILD=0: using $WORK/bin/mailroom ($GIT_AT_BUILD)"
   fi
   "$WORK/bin/mailroom" check --config "$BENCH/mailroom-bench.yaml"
-
+  "$WORK/bin/mailroom" check --config "$BENCH/mailroom-bench-js.yaml"
+fi
+if has ours; then
   # --- 4. start ours -----------------------------------------------------------------------------
   # An earlier run's spool is moved aside, not deleted: on ext4 without a journal, files
   # deleted in the last minutes make new files slow to create (see RESULTS.md).
@@ -178,6 +187,22 @@ count_cmd = curl -s 127.0.0.1:9600/metrics | awk '/^mailroom_inbound_messages_ac
 restart_cmd = $env_prefix $OURS_CTL restart
 $reset_line
 note = Mailroom: file fdatasync + group-committed dir fsync before 250; $note
+INI
+fi
+if has ours-jetstream; then
+  log "starting mailroom with the JetStream queue (fresh nats-server store)"
+  [ -n "$(grep -s '^MAILROOM_NATS_SERVER=' ~/.cache/mailroom/tools/current.env)" ] \
+    || quiet_run 900 nats-build "$REPO/e2e/tools/build.sh"
+  "$OURS_JS_CTL" restart-aside
+  log "mailroom+nats pids $("$OURS_JS_CTL" pid) on 127.0.0.1:2601"
+  cat >>"$PEERS/peers.ini" <<INI
+
+[ours-jetstream]
+addr = 127.0.0.1:2601
+pids_cmd = BENCH_WORK=$WORK MAILROOM_BIN=$WORK/bin/mailroom $OURS_JS_CTL pid
+count_cmd = curl -s 127.0.0.1:9601/metrics | awk '/^mailroom_inbound_messages_accepted_total/{s+=\$2} END{print s+0}'
+restart_cmd = BENCH_WORK=$WORK MAILROOM_BIN=$WORK/bin/mailroom $OURS_JS_CTL restart
+note = Mailroom + nats-server (JetStream file storage, fsync before every PubAck): 250 after the PubAck; stream kept across scenarios; CPU and memory are both processes
 INI
 fi
 
