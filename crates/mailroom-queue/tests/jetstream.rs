@@ -55,11 +55,11 @@ fn big_body(len: usize) -> Bytes {
     Bytes::from(body)
 }
 
-/// Entries per subject in the queue stream.
+/// Entries per subject in the queue stream (due and deferred).
 async fn subjects(js: &jetstream::Context) -> HashMap<String, usize> {
     let stream = js.get_stream("MAILROOM").await.expect("get stream");
     let info = stream
-        .info_with_subjects("mailroom.q.>")
+        .info_with_subjects("mailroom.>")
         .await
         .expect("stream info with subjects");
     let mut info = std::pin::pin!(info);
@@ -651,4 +651,85 @@ async fn nkey_auth() {
         .expect("an unknown nkey is not a start-up error");
     assert!(!wrong.is_ready(), "an unknown nkey never gets ready");
     assert!(wrong.enqueue(message).await.is_err());
+}
+
+/// What KEDA's JetStream scaler reads, the policy consumer's `num_pending` (plus
+/// `num_ack_pending`), counts due entries only: deferred entries wait outside the consumer's
+/// subjects as scheduled messages, and come back to it at their time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_entries_are_not_consumer_backlog() {
+    use mailroom_queue::{LeaseRequest, Retry, now_ms};
+    let server = nats(NatsServer::builder());
+    let queue = open(&server, Duration::from_secs(5)).await;
+    for i in 0..3 {
+        queue
+            .enqueue(contract::message("a@x.org", &[&format!("{i}@d.example")]))
+            .await
+            .expect("enqueue");
+    }
+    let request = LeaseRequest::new("default", 10, Duration::from_secs(5));
+    let mut leases = Vec::new();
+    while leases.len() < 3 {
+        leases.extend(queue.lease(&request).await.expect("lease"));
+    }
+    let done = leases.pop().expect("lease");
+    queue.ack(done).await.expect("ack");
+    let at_ms = now_ms() + 3_000;
+    for lease in leases {
+        let recipients = lease.message.envelope.recipients.clone();
+        queue
+            .defer(
+                lease,
+                Retry {
+                    at_ms,
+                    recipients,
+                    response: "451 4.7.1 later".into(),
+                },
+            )
+            .await
+            .expect("defer");
+    }
+    queue
+        .enqueue(contract::message("a@x.org", &["new@d.example"]))
+        .await
+        .expect("enqueue");
+
+    let js = inspect(&server).await;
+    let mut stream = js.get_stream("MAILROOM").await.expect("stream");
+    let mut consumer: jetstream::consumer::PullConsumer = stream
+        .get_consumer("mailroom-default")
+        .await
+        .expect("the policy's durable consumer");
+    let info = consumer.info().await.expect("consumer info");
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (1, 0),
+        "only the new entry is consumer backlog"
+    );
+    let backlog = queue.backlogs().await.expect("backlogs")["default"];
+    assert_eq!((backlog.ready, backlog.deferred, backlog.leased), (1, 2, 0));
+    let deferred: usize = subjects(&js)
+        .await
+        .iter()
+        .filter(|(s, _)| s.starts_with("mailroom.d.default."))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(deferred, 2, "two scheduled messages");
+    assert_eq!(stream.info().await.expect("stream info").state.messages, 3);
+
+    // At their time the schedules put them back on the consumer's subjects.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let info = consumer.info().await.expect("consumer info");
+        if info.num_pending == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deferred entries did not come back: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backlog = queue.backlogs().await.expect("backlogs")["default"];
+    assert_eq!((backlog.ready, backlog.deferred), (3, 0));
 }
