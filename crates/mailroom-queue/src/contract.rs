@@ -334,6 +334,17 @@ async fn lease_n<Q: Queue>(queue: &Q, policy: &str, n: usize, within: Duration) 
     leases
 }
 
+/// Defers a lease with all its recipients still pending, until `at_ms`.
+async fn defer_all<Q: Queue>(queue: &Q, lease: Lease, at_ms: u64, response: &str, what: &str) {
+    let recipients = lease.message.envelope.recipients.clone();
+    let retry = Retry {
+        at_ms,
+        recipients,
+        response: response.to_string(),
+    };
+    ok(queue.defer(lease, retry).await, what);
+}
+
 fn addresses(message: &StoredMessage) -> Vec<String> {
     message
         .envelope
@@ -639,21 +650,15 @@ pub async fn expiry<B: Backend>(backend: &mut B) {
         .pop()
         .expect("young lease");
     assert!(!lease.expired);
-    let recipients = lease.message.envelope.recipients.clone();
     let started = Instant::now();
-    ok(
-        queue
-            .defer(
-                lease,
-                Retry {
-                    at_ms: now_ms() + 3_600_000,
-                    recipients,
-                    response: "451 4.4.1 no answer".into(),
-                },
-            )
-            .await,
+    defer_all(
+        &queue,
+        lease,
+        now_ms() + 3_600_000,
+        "451 4.4.1 no answer",
         "defer past expiry",
-    );
+    )
+    .await;
     let request = LeaseRequest {
         wait: Duration::from_secs(10),
         ..request
@@ -746,20 +751,14 @@ pub async fn retry_now_and_bounce<B: Backend>(backend: &mut B) {
     let id = m.envelope.id;
     ok(queue.enqueue(m).await, "enqueue");
     for lease in lease_n(&queue, "default", 2, Duration::from_secs(5)).await {
-        let recipients = lease.message.envelope.recipients.clone();
-        ok(
-            queue
-                .defer(
-                    lease,
-                    Retry {
-                        at_ms: now_ms() + 3_600_000,
-                        recipients,
-                        response: "452 4.2.2 mailbox full".into(),
-                    },
-                )
-                .await,
+        defer_all(
+            &queue,
+            lease,
+            now_ms() + 3_600_000,
+            "452 4.2.2 mailbox full",
             "defer an hour",
-        );
+        )
+        .await;
     }
     assert!(
         lease_some(&queue, "default", 10, Duration::from_millis(200))
@@ -776,20 +775,14 @@ pub async fn retry_now_and_bounce<B: Backend>(backend: &mut B) {
     assert!(back.iter().all(|l| l.state.attempts == 1));
     assert!(back.iter().all(|l| l.state.bounce_requested.is_none()));
     let lease = back.pop().expect("lease");
-    let recipients = lease.message.envelope.recipients.clone();
-    ok(
-        queue
-            .defer(
-                lease,
-                Retry {
-                    at_ms: now_ms() + 3_600_000,
-                    recipients,
-                    response: "452 4.2.2 mailbox full".into(),
-                },
-            )
-            .await,
+    defer_all(
+        &queue,
+        lease,
+        now_ms() + 3_600_000,
+        "452 4.2.2 mailbox full",
         "defer again",
-    );
+    )
+    .await;
     // One entry deferred, one leased: bounce marks both; the deferred one is due at once, the
     // leased one carries the mark when it comes back.
     assert_eq!(
@@ -838,20 +831,7 @@ pub async fn large_body_lease<B: Backend>(backend: &mut B) {
     let second = leases.next().expect("second");
     assert_eq!(first.message.body, m.body);
     assert_eq!(second.message.body, m.body);
-    let recipients = first.message.envelope.recipients.clone();
-    ok(
-        queue
-            .defer(
-                first,
-                Retry {
-                    at_ms: 0,
-                    recipients,
-                    response: "421 4.3.0 later".into(),
-                },
-            )
-            .await,
-        "defer large",
-    );
+    defer_all(&queue, first, 0, "421 4.3.0 later", "defer large").await;
     ok(queue.ack(second).await, "ack large");
     let back = lease_n(&queue, "default", 1, Duration::from_secs(10)).await;
     assert_eq!(back.len(), 1);

@@ -2,22 +2,19 @@
 //! with `e2e/tools/build.sh`): large bodies through the Object Store, de-duplication, one entry
 //! per destination domain, and what happens when the server goes away and comes back.
 
+mod common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use common::{eventually, nats, object_gone, refs_key_present};
 use futures_util::StreamExt;
 use mailroom_queue::contract;
 use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
 use mailroom_queue::{Queue, QueueError, StoredMessage};
 use mailroom_testkit::NatsServer;
-
-fn nats(builder: mailroom_testkit::NatsServerBuilder) -> NatsServer {
-    builder.start().unwrap_or_else(|e| {
-        panic!("the jetstream tests need a nats-server (run e2e/tools/build.sh): {e}")
-    })
-}
 
 async fn open(server: &NatsServer, publish_timeout: Duration) -> JetStreamQueue {
     JetStreamQueue::connect(JetStreamOptions {
@@ -80,35 +77,6 @@ async fn stream_messages(js: &jetstream::Context) -> u64 {
         .expect("stream info")
         .state
         .messages
-}
-
-/// True if the body bucket holds no live object with this name.
-async fn object_gone(js: &jetstream::Context, name: &str) -> bool {
-    let store = js
-        .get_object_store("MAILROOM_BODIES")
-        .await
-        .expect("body bucket");
-    let gone_by_info = match store.info(name).await {
-        Ok(info) => info.deleted,
-        Err(_) => true,
-    };
-    let mut listed = false;
-    let mut list = store.list().await.expect("list objects");
-    while let Some(info) = list.next().await {
-        let info = info.expect("object info");
-        if info.name == name && !info.deleted {
-            listed = true;
-        }
-    }
-    gone_by_info && !listed
-}
-
-async fn refs_key_present(js: &jetstream::Context, key: &str) -> bool {
-    let kv = js
-        .get_key_value("MAILROOM_BODIES_REFS")
-        .await
-        .expect("refs bucket");
-    kv.get(key).await.expect("read refs").is_some()
 }
 
 async fn roundtrip_large(
@@ -274,18 +242,6 @@ async fn one_entry_per_destination_domain_with_its_subject() {
             .get("bücher.example"),
         Some(&1)
     );
-}
-
-/// Polls `f` every 50 ms until it is true or `within` has passed.
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,13 +2,15 @@
 //! binary with `e2e/tools/build.sh`): decentralized (operator/JWT) auth with a `.creds` file,
 //! mutual TLS, and the rollback of an enqueue that the server's permissions refuse half-way.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures_util::StreamExt;
+use common::{eventually, nats, object_gone, refs_key_present};
 use mailroom_queue::contract;
 use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue, NatsAuth, NatsTls};
 use mailroom_queue::{Queue, QueueError};
@@ -19,12 +21,6 @@ use serde_json::{Value, json};
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a refused client is watched for (it must not become ready meanwhile).
 const REFUSED_FOR: Duration = Duration::from_secs(3);
-
-fn nats(builder: mailroom_testkit::NatsServerBuilder) -> NatsServer {
-    builder.start().unwrap_or_else(|e| {
-        panic!("the jetstream tests need a nats-server (run e2e/tools/build.sh): {e}")
-    })
-}
 
 fn options(server: &NatsServer) -> JetStreamOptions {
     JetStreamOptions {
@@ -41,18 +37,6 @@ fn quoted(s: &str) -> String {
 
 fn quoted_path(p: &Path) -> String {
     quoted(&p.to_string_lossy())
-}
-
-/// Polls `f` every 50 ms until it is true or `within` has passed.
-async fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f()
 }
 
 /// Connects with options the server refuses: that is no start-up error, but the queue is not
@@ -475,35 +459,6 @@ async fn stream_state(js: &jetstream::Context) -> (u64, u64) {
         .expect("stream info")
         .state;
     (state.messages, state.last_sequence)
-}
-
-/// True if the body bucket holds no live object with this name.
-async fn object_gone(js: &jetstream::Context, name: &str) -> bool {
-    let store = js
-        .get_object_store("MAILROOM_BODIES")
-        .await
-        .expect("body bucket");
-    let gone_by_info = match store.info(name).await {
-        Ok(info) => info.deleted,
-        Err(_) => true,
-    };
-    let mut listed = false;
-    let mut list = store.list().await.expect("list objects");
-    while let Some(info) = list.next().await {
-        let info = info.expect("object info");
-        if info.name == name && !info.deleted {
-            listed = true;
-        }
-    }
-    gone_by_info && !listed
-}
-
-async fn refs_key_present(js: &jetstream::Context, key: &str) -> bool {
-    let kv = js
-        .get_key_value("MAILROOM_BODIES_REFS")
-        .await
-        .expect("refs bucket");
-    kv.get(key).await.expect("read refs").is_some()
 }
 
 /// One failed enqueue (`ok.example` allowed, `denied.example` refused) and one that works, with

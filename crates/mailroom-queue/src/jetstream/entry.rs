@@ -320,37 +320,7 @@ pub(crate) fn rfc3339_from_ms(ms: u64) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    fn envelope(sender: &str, recipients: &[&str]) -> Envelope {
-        let id = QueueId::new();
-        Envelope {
-            id,
-            sender: sender.into(),
-            recipients: recipients
-                .iter()
-                .map(|a| Recipient {
-                    address: a.to_string(),
-                    domain: a
-                        .rsplit_once('@')
-                        .map(|(_, d)| d.to_string())
-                        .unwrap_or_default(),
-                    notify: None,
-                    orcpt: None,
-                })
-                .collect(),
-            ret: None,
-            envid: None,
-            body_type: None,
-            smtputf8: false,
-            received_at_ms: id.timestamp_ms(),
-            listener: "test".into(),
-            client_ip: None,
-            helo: None,
-            auth_user: None,
-            policy: "default".into(),
-            message_id: None,
-        }
-    }
+    use crate::contract::envelope;
 
     #[test]
     fn tokens_roundtrip_and_stay_valid() {
