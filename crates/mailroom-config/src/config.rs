@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::HumanDuration;
 
 use crate::listener::ListenerSpec;
+use crate::policy::DeliveryPolicySpec;
 
 /// A whole Mailroom configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -24,6 +25,10 @@ pub struct Config {
     pub listeners: Vec<ListenerSpec>,
     /// Where accepted messages are stored until delivered.
     pub queue: QueueSpec,
+    /// How queued mail is delivered, one entry per delivery policy (unique names). When
+    /// empty, one policy named `default` with default settings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<DeliveryPolicySpec>,
     /// The HTTP endpoint serving `/healthz`, `/readyz` and `/metrics`.
     pub http: HttpSpec,
     /// Logging.
@@ -42,6 +47,15 @@ impl Config {
             .hostname
             .clone()
             .unwrap_or_else(|| self.effective_hostname())
+    }
+
+    /// The delivery policies in effect: `policies`, or one `default` policy when it is empty.
+    pub fn effective_policies(&self) -> Vec<DeliveryPolicySpec> {
+        if self.policies.is_empty() {
+            vec![DeliveryPolicySpec::default()]
+        } else {
+            self.policies.clone()
+        }
     }
 
     /// The listener called `name`.

@@ -13,6 +13,7 @@ mod limits;
 mod listener;
 mod load;
 mod plugins;
+mod policy;
 mod schema;
 pub mod syntax;
 mod validate;
@@ -26,6 +27,10 @@ pub use limits::{Limits, Timeouts};
 pub use listener::{AuthMechanism, AuthSpec, ListenerMode, ListenerSpec, TlsSpec};
 pub use load::{ConfigError, Problem, load_file, load_str, parse};
 pub use plugins::{AccessPluginSpec, HeadersPluginSpec, PluginSpec};
+pub use policy::{
+    BounceSpec, ClientTimeouts, DeliveryPolicySpec, IpVersion, OutboundTlsMode, RelaySpec,
+    RelayTls, ResolverSpec, RetrySpec, RoutingSpec,
+};
 pub use schema::json_schema;
 
 /// The default configuration, `config/mailroom.yaml`: one `mx` listener on

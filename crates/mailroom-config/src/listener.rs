@@ -60,6 +60,14 @@ pub struct ListenerSpec {
     /// Plugin chain, run in order at each stage of a session.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
+    /// The delivery policy recorded with every message this listener accepts (its workers
+    /// deliver it). Default `default`.
+    #[serde(default = "default_policy_name")]
+    pub delivery_policy: String,
+}
+
+fn default_policy_name() -> String {
+    "default".to_owned()
 }
 
 impl ListenerSpec {
@@ -78,6 +86,7 @@ impl ListenerSpec {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             plugins: Vec::new(),
+            delivery_policy: default_policy_name(),
         }
     }
 

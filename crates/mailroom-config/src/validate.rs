@@ -13,6 +13,7 @@ use crate::human::HumanDuration;
 use crate::limits::{Limits, Timeouts};
 use crate::listener::{AuthSpec, ListenerMode, ListenerSpec, TlsSpec};
 use crate::plugins::{AccessPluginSpec, PluginSpec};
+use crate::policy::{DeliveryPolicySpec, RelayTls};
 use crate::syntax;
 
 /// Collects problems under a path prefix.
@@ -63,6 +64,7 @@ impl Config {
             p.check("hostname", syntax::check_domain(hostname, false));
         }
         check_listeners(&self.listeners, &mut p);
+        check_policies(self, &mut p);
         check_queue(&self.queue, &mut p);
         check_http(&self.http, &self.listeners, &mut p);
         check_log(&self.log, &mut p);
@@ -98,6 +100,115 @@ fn check_listeners(listeners: &[ListenerSpec], p: &mut Problems) {
             );
         }
         check_listener(listener, &at, p);
+    }
+}
+
+fn check_policies(config: &Config, p: &mut Problems) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, policy) in config.policies.iter().enumerate() {
+        let at = format!("policies[{i}]");
+        if let Some(first) = names.insert(&policy.name, i) {
+            names.insert(&policy.name, first);
+            p.push(
+                format!("{at}.name"),
+                format!(
+                    "duplicate name {:?}: already used by policies[{first}]",
+                    policy.name
+                ),
+            );
+        }
+        check_policy(policy, &at, p);
+    }
+    let known: Vec<String> = config
+        .effective_policies()
+        .into_iter()
+        .map(|policy| policy.name)
+        .collect();
+    for (i, l) in config.listeners.iter().enumerate() {
+        if !known.contains(&l.delivery_policy) {
+            p.push(
+                format!("listeners[{i}].deliveryPolicy"),
+                format!(
+                    "{:?} is not a policy here (policies: {})",
+                    l.delivery_policy,
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+}
+
+fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
+    p.check(format!("{at}.name"), syntax::check_listener_name(&d.name));
+    if let Some(helo) = &d.helo_name {
+        p.check(format!("{at}.heloName"), syntax::check_domain(helo, false));
+    }
+    p.range(
+        format!("{at}.concurrency"),
+        d.concurrency.into(),
+        1..=10_000,
+    );
+    p.range(
+        format!("{at}.maxMessagesPerConnection"),
+        d.max_messages_per_connection.into(),
+        1..=100_000,
+    );
+    if let Some(relay) = &d.routing.relay {
+        p.non_empty(format!("{at}.routing.relay.host"), &relay.host);
+        if relay.port == 0 {
+            p.push(format!("{at}.routing.relay.port"), "must not be 0");
+        }
+        if relay.user.is_some() != relay.password_file.is_some() {
+            p.push(
+                format!("{at}.routing.relay"),
+                "AUTH needs both user and passwordFile",
+            );
+        }
+        if relay.user.is_some() && relay.tls == RelayTls::None {
+            p.push(
+                format!("{at}.routing.relay.tls"),
+                "AUTH over plaintext would expose the password: use starttls or implicit",
+            );
+        }
+    }
+    for (j, ns) in d.resolver.nameservers.iter().enumerate() {
+        p.check(
+            format!("{at}.resolver.nameservers[{j}]"),
+            check_socket_addr(ns),
+        );
+    }
+    if d.retry.schedule.is_empty() {
+        p.push(format!("{at}.retry.schedule"), "give at least one wait");
+    }
+    for (j, wait) in d.retry.schedule.iter().enumerate() {
+        if wait.is_zero() {
+            p.push(format!("{at}.retry.schedule[{j}]"), "must be above 0s");
+        }
+    }
+    if d.retry.max_age.is_zero() {
+        p.push(format!("{at}.retry.maxAge"), "must be above 0s");
+    }
+    let t = &d.timeouts;
+    for (field, value) in [
+        ("connect", &t.connect),
+        ("greeting", &t.greeting),
+        ("command", &t.command),
+        ("dataStart", &t.data_start),
+        ("dataBlock", &t.data_block),
+        ("dataEnd", &t.data_end),
+        ("idle", &t.idle),
+    ] {
+        if value.is_zero() {
+            p.push(format!("{at}.timeouts.{field}"), "must be above 0s");
+        }
+    }
+    if let Some(from) = &d.bounces.from
+        && !from.contains('@')
+    {
+        p.push(
+            format!("{at}.bounces.from"),
+            format!("{from:?} is not an address (local@domain)"),
+        );
     }
 }
 

@@ -1,0 +1,238 @@
+//! Delivery policies: how queued mail leaves. The same type is the `spec` of the
+//! `DeliveryPolicy` CRD, the `policies` of `mailroom serve`, and the file of
+//! `mailroom outbound --config F`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::HumanDuration;
+
+/// One delivery policy. Messages name their policy when they are queued (the listener's
+/// `deliveryPolicy`, default `default`); the workers of a policy deliver only its messages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DeliveryPolicySpec {
+    /// Unique name; letters, digits and `-`. Default `default`.
+    pub name: String,
+    /// Where mail goes: MX delivery (default) or a relay (smart host).
+    pub routing: RoutingSpec,
+    /// The DNS resolver used for MX and address lookups.
+    pub resolver: ResolverSpec,
+    /// STARTTLS towards the receiving servers (MX delivery; a relay has its own `tls`).
+    pub tls: OutboundTlsMode,
+    /// Name sent in EHLO/HELO. Default: the configuration's `hostname`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub helo_name: Option<String>,
+    /// Deliveries one worker runs at once. Default 32.
+    pub concurrency: u32,
+    /// Messages sent over one connection before it is closed (connection reuse). Default 100.
+    pub max_messages_per_connection: u32,
+    /// Retries of transient failures and the maximum queue lifetime.
+    pub retry: RetrySpec,
+    /// SMTP client timeouts (RFC 5321 §4.5.3.2 gives the defaults).
+    pub timeouts: ClientTimeouts,
+    /// Deliver to loopback, private, link-local and other non-public addresses. Off by default
+    /// (a DNS record pointing inside the network must not turn the MTA into a proxy); tests
+    /// and internal relays turn it on.
+    pub allow_private_destinations: bool,
+    /// Bounces (delivery status notifications).
+    pub bounces: BounceSpec,
+}
+
+impl Default for DeliveryPolicySpec {
+    fn default() -> Self {
+        Self {
+            name: "default".to_owned(),
+            routing: RoutingSpec::default(),
+            resolver: ResolverSpec::default(),
+            tls: OutboundTlsMode::default(),
+            helo_name: None,
+            concurrency: 32,
+            max_messages_per_connection: 100,
+            retry: RetrySpec::default(),
+            timeouts: ClientTimeouts::default(),
+            allow_private_destinations: false,
+            bounces: BounceSpec::default(),
+        }
+    }
+}
+
+/// Where mail goes. Set at most one field; none means MX delivery.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutingSpec {
+    /// Every message to one relay (smart host) instead of the recipient domains' MX hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelaySpec>,
+}
+
+/// A relay (smart host).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RelaySpec {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port. Default 587.
+    pub port: u16,
+    /// `starttls` (default; required: no plaintext fallback), `implicit` (TLS from the first
+    /// byte, port 465 style) or `none` (plaintext; only for a relay on a trusted network).
+    pub tls: RelayTls,
+    /// Verify the relay's certificate against the system roots (or `caFile`). Default true.
+    pub verify_certificate: bool,
+    /// PEM file of a private CA that signed the relay's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// AUTH user name (PLAIN or LOGIN, whichever the relay offers); needs `passwordFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// File holding the AUTH password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+}
+
+impl Default for RelaySpec {
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            port: 587,
+            tls: RelayTls::default(),
+            verify_certificate: true,
+            ca_file: None,
+            user: None,
+            password_file: None,
+        }
+    }
+}
+
+/// TLS towards a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum RelayTls {
+    /// STARTTLS, required.
+    #[default]
+    Starttls,
+    /// TLS from the first byte.
+    Implicit,
+    /// No TLS.
+    None,
+}
+
+/// STARTTLS towards MX hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum OutboundTlsMode {
+    /// Use STARTTLS when offered, without certificate verification (RFC 7435); fall back to
+    /// plaintext when it is not offered.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must be offered and the certificate must verify for the MX host name;
+    /// otherwise the delivery is deferred.
+    Required,
+    /// Never STARTTLS.
+    Disabled,
+}
+
+/// The DNS resolver.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ResolverSpec {
+    /// Name servers as `ip:port` (UDP and TCP). Default: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<String>,
+    /// Address families to connect over, in order of preference.
+    pub ip_version: IpVersion,
+}
+
+/// Address families for outbound connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum IpVersion {
+    /// IPv4 addresses first, then IPv6.
+    #[default]
+    Ipv4ThenIpv6,
+    /// IPv6 first, then IPv4.
+    Ipv6ThenIpv4,
+    /// IPv4 only.
+    Ipv4Only,
+    /// IPv6 only.
+    Ipv6Only,
+}
+
+/// Retries and the queue lifetime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RetrySpec {
+    /// Waits after the 1st, 2nd, ... transient failure; the last repeats. Default 5m, 10m,
+    /// 20m, 40m, 1h20m, 2h40m, 4h (growing like Postfix's and KumoMTA's backoff, capped).
+    pub schedule: Vec<HumanDuration>,
+    /// A message still undelivered this long after reception is returned to its sender
+    /// (expired). Default 5d.
+    pub max_age: HumanDuration,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        let m = |minutes: u64| HumanDuration::from_secs(minutes * 60);
+        Self {
+            schedule: vec![m(5), m(10), m(20), m(40), m(80), m(160), m(240)],
+            max_age: HumanDuration::from_secs(5 * 24 * 3600),
+        }
+    }
+}
+
+impl RetrySpec {
+    /// The wait after the `attempts`-th transient failure (1-based).
+    pub fn delay_after(&self, attempts: u32) -> std::time::Duration {
+        let i = (attempts.max(1) - 1) as usize;
+        self.schedule.get(i).or(self.schedule.last()).map_or(
+            std::time::Duration::from_secs(300),
+            HumanDuration::as_duration,
+        )
+    }
+}
+
+/// SMTP client timeouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ClientTimeouts {
+    /// TCP connect (and TLS handshake). Default 30s.
+    pub connect: HumanDuration,
+    /// The greeting. Default 5m.
+    pub greeting: HumanDuration,
+    /// Each command's reply (EHLO, MAIL, RCPT, RSET, QUIT). Default 5m.
+    pub command: HumanDuration,
+    /// The 354 after DATA. Default 2m.
+    pub data_start: HumanDuration,
+    /// Each write of the message body. Default 3m.
+    pub data_block: HumanDuration,
+    /// The reply after the final dot. Default 10m.
+    pub data_end: HumanDuration,
+    /// An unused open connection is closed after this. Default 30s.
+    pub idle: HumanDuration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        let s = HumanDuration::from_secs;
+        Self {
+            connect: s(30),
+            greeting: s(300),
+            command: s(300),
+            data_start: s(120),
+            data_block: s(180),
+            data_end: s(600),
+            idle: s(30),
+        }
+    }
+}
+
+/// Delivery status notifications.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BounceSpec {
+    /// `From:` of the notifications. Default `MAILER-DAEMON@<hostname>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
