@@ -18,6 +18,8 @@ pub struct DeliveryPolicySpec {
     pub routing: RoutingSpec,
     /// The DNS resolver used for MX and address lookups.
     pub resolver: ResolverSpec,
+    /// TCP port of MX hosts. Default 25; other values are for tests and closed networks.
+    pub mx_port: u16,
     /// STARTTLS towards the receiving servers (MX delivery; a relay has its own `tls`).
     pub tls: OutboundTlsMode,
     /// Name sent in EHLO/HELO. Default: the configuration's `hostname`.
@@ -45,6 +47,7 @@ impl Default for DeliveryPolicySpec {
             name: "default".to_owned(),
             routing: RoutingSpec::default(),
             resolver: ResolverSpec::default(),
+            mx_port: 25,
             tls: OutboundTlsMode::default(),
             helo_name: None,
             concurrency: 32,

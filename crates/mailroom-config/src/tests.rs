@@ -509,3 +509,55 @@ fn lease_times_are_bounded() {
     assert_problem(&found, "queue.jetstream.leaseTime", "between 1s and 12h");
     assert_problem(&found, "queue.jetstream.maxLeased", "");
 }
+
+#[test]
+fn delivery_policies_load_with_defaults_and_listeners_name_them() {
+    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\n    acceptedDomains: [example.test]\n    deliveryPolicy: bulk\npolicies:\n  - name: bulk\n    routing:\n      relay: { host: smarthost.example.net, user: u, passwordFile: /run/pw }\n    resolver: { nameservers: [\"127.0.0.1:5353\"], ipVersion: ipv6ThenIpv4 }\n    tls: required\n    retry: { schedule: [1m, 5m], maxAge: 2d }\n";
+    let config = load_str(yaml, "t.yaml").unwrap();
+    let bulk = &config.policies[0];
+    assert_eq!(bulk.name, "bulk");
+    let relay = bulk.routing.relay.as_ref().unwrap();
+    assert_eq!((relay.port, relay.tls), (587, RelayTls::Starttls));
+    assert_eq!(bulk.resolver.ip_version, IpVersion::Ipv6ThenIpv4);
+    assert_eq!(bulk.tls, OutboundTlsMode::Required);
+    assert_eq!(bulk.mx_port, 25);
+    assert_eq!(bulk.retry.delay_after(1).as_secs(), 60);
+    assert_eq!(bulk.retry.delay_after(2).as_secs(), 300);
+    assert_eq!(
+        bulk.retry.delay_after(9).as_secs(),
+        300,
+        "the last wait repeats"
+    );
+    assert_eq!(config.listeners[0].delivery_policy, "bulk");
+    // No policies: one `default` policy, which listeners name by default.
+    let config = load_str(&with_listener(""), "t.yaml").unwrap();
+    assert_eq!(
+        config.effective_policies(),
+        vec![DeliveryPolicySpec::default()]
+    );
+    assert_eq!(config.listeners[0].delivery_policy, "default");
+}
+
+#[test]
+fn delivery_policy_problems_name_their_fields() {
+    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\n    acceptedDomains: [example.test]\n    deliveryPolicy: nowhere\npolicies:\n  - name: a\n    concurrency: 0\n    routing:\n      relay: { host: \"\", tls: none, user: u }\n    resolver: { nameservers: [\"not-an-address\"] }\n    retry: { schedule: [] }\n    timeouts: { connect: 0s }\n  - name: a\n    bounces: { from: nobody }\n";
+    let found = problems(yaml);
+    assert_problem(
+        &found,
+        "listeners[0].deliveryPolicy",
+        "\"nowhere\" is not a policy",
+    );
+    assert_problem(&found, "policies[1].name", "duplicate name");
+    assert_problem(&found, "policies[0].concurrency", "out of range");
+    assert_problem(
+        &found,
+        "policies[0].routing.relay.host",
+        "must not be empty",
+    );
+    assert_problem(&found, "policies[0].routing.relay", "passwordFile");
+    assert_problem(&found, "policies[0].routing.relay.tls", "plaintext");
+    assert_problem(&found, "policies[0].resolver.nameservers[0]", "");
+    assert_problem(&found, "policies[0].retry.schedule", "at least one");
+    assert_problem(&found, "policies[0].timeouts.connect", "above 0s");
+    assert_problem(&found, "policies[1].bounces.from", "not an address");
+}
