@@ -549,6 +549,7 @@ fn delivery_policy_problems_name_their_fields() {
     );
     assert_problem(&found, "policies[1].name", "duplicate name");
     assert_problem(&found, "policies[0].concurrency", "out of range");
+    assert_problem(&found, "policies[0].mxPort", "must not be 0");
     assert_problem(
         &found,
         "policies[0].routing.relay.host",

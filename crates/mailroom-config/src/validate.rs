@@ -148,6 +148,9 @@ fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
         d.concurrency.into(),
         1..=10_000,
     );
+    if d.mx_port == 0 {
+        p.push(format!("{at}.mxPort"), "must not be 0");
+    }
     p.range(
         format!("{at}.maxMessagesPerConnection"),
         d.max_messages_per_connection.into(),
