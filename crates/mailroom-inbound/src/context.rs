@@ -25,8 +25,6 @@ pub struct InboundDeps {
     pub delivery_log: DeliveryLog,
     /// Host name used when the listener sets none.
     pub hostname: String,
-    /// Delivery policy recorded with each message.
-    pub policy: String,
 }
 
 /// Effective limits of a listener.
@@ -158,7 +156,7 @@ impl ListenerContext {
             plugins,
             queue: Arc::clone(&deps.queue),
             delivery_log: deps.delivery_log.clone(),
-            policy: deps.policy.clone(),
+            policy: spec.delivery_policy.clone(),
             connections: Arc::new(ConnectionLimits::default()),
             cert,
         })

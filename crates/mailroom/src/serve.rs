@@ -85,7 +85,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         queue: Arc::clone(&queue),
         delivery_log,
         hostname: config.effective_hostname(),
-        policy: "default".into(),
     };
     let mut listeners = Vec::new();
     let mut grace = Duration::from_secs(0);

@@ -53,7 +53,6 @@ pub async fn serve(
         queue,
         delivery_log: DeliveryLog::discard(),
         hostname: "mx.test".into(),
-        policy: "default".into(),
     };
     let listener = Listener::bind(&spec, "listeners[0]", &deps)
         .await
