@@ -237,3 +237,15 @@ def test_queue_retry_and_bounce(two_domain_server):
     assert all(e["bounce_requested"] == "spam run" for e in head["entries"])
     unknown = server.queue_cli("retry", "not-an-id", check=False)
     assert unknown.returncode != 0 and b"not-an-id" in unknown.stderr
+
+
+def test_listener_delivery_policy_is_recorded(mailroom_factory):
+    """A listener's deliveryPolicy names the policy its messages are queued under."""
+    server = mailroom_factory.make(deliveryPolicy="bulk", extra={"policies": [{"name": "bulk"}]})
+    with smtplib.SMTP("127.0.0.1", server.port(), timeout=IO_TIMEOUT) as s:
+        s.sendmail("a@client.example.org", ["x@example.test"], b"Subject: p\r\n\r\np\r\n")
+    stats = server.queue_stats()
+    assert stats["backlog"] == {"bulk": {"ready": 1, "deferred": 0, "leased": 0}}, stats
+    (entry,) = server.queue_list()
+    env, _ = server.queue_show(entry["id"])
+    assert env["policy"] == "bulk"
