@@ -24,6 +24,7 @@
 //! `MAILROOM_TESTKIT_KEEP=1` to keep it (the path is printed to stderr) when debugging a test.
 
 mod binary;
+mod dns;
 mod error;
 mod nats;
 mod nats_cluster;
@@ -33,6 +34,7 @@ mod process;
 pub use binary::{
     NATS_SERVER_ENV, TOOLS_DIR_ENV, default_tools_dir, nats_server_binary, pinned_nats_version,
 };
+pub use dns::{DEFAULT_TTL, DnsServer, Zone};
 pub use error::{Result, TestkitError};
 pub use nats::{NatsServer, NatsServerBuilder};
 pub use nats_cluster::{NatsCluster, NatsClusterBuilder};
