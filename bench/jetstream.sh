@@ -40,6 +40,7 @@ listeners:
     limits: { maxConnectionsPerIp: 5000 }
 queue:
 $1
+policies: [ { name: default, hold: true } ]
 http: { address: "127.0.0.1:9610" }
 log: { level: warn, deliveryLog: "$WORK/delivery.jsonl" }
 YAML

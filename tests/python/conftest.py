@@ -308,6 +308,9 @@ class MailroomServer:
             "queue": {"local": {"path": str(self.spool)}},
             "http": {"address": f"127.0.0.1:{self.http_port}"},
             "log": {"level": "info", "format": "text", "deliveryLog": str(self.delivery_log)},
+            # Reception tests look at the queue: mail stays there unless a test delivers it
+            # (tests of delivery give their own `policies`).
+            "policies": [{"name": "default", "hold": True}],
         }
         cfg.update(self.extra)
         return cfg

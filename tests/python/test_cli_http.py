@@ -241,7 +241,7 @@ def test_queue_retry_and_bounce(two_domain_server):
 
 def test_listener_delivery_policy_is_recorded(mailroom_factory):
     """A listener's deliveryPolicy names the policy its messages are queued under."""
-    server = mailroom_factory.make(deliveryPolicy="bulk", extra={"policies": [{"name": "bulk"}]})
+    server = mailroom_factory.make(deliveryPolicy="bulk", extra={"policies": [{"name": "bulk", "hold": True}]})
     with smtplib.SMTP("127.0.0.1", server.port(), timeout=IO_TIMEOUT) as s:
         s.sendmail("a@client.example.org", ["x@example.test"], b"Subject: p\r\n\r\np\r\n")
     stats = server.queue_stats()

@@ -39,6 +39,9 @@ pub struct DeliveryPolicySpec {
     pub allow_private_destinations: bool,
     /// Bounces (delivery status notifications).
     pub bounces: BounceSpec,
+    /// Keep this policy's mail queued without delivering it (maintenance, or a setup that
+    /// only receives). No worker runs for it; `mailroom queue` still shows and changes it.
+    pub hold: bool,
 }
 
 impl Default for DeliveryPolicySpec {
@@ -56,6 +59,7 @@ impl Default for DeliveryPolicySpec {
             timeouts: ClientTimeouts::default(),
             allow_private_destinations: false,
             bounces: BounceSpec::default(),
+            hold: false,
         }
     }
 }

@@ -108,7 +108,10 @@ fn empty_file_asks_for_a_listener() {
     for yaml in ["", "# nothing yet\n", "---\n"] {
         assert_eq!(
             error_lines(yaml),
-            ["t.yaml: listeners: at least one listener is required"]
+            [
+                "t.yaml: listeners: at least one listener is required (a file for `mailroom \
+                 outbound` may have policies instead)"
+            ]
         );
     }
 }
@@ -561,4 +564,11 @@ fn delivery_policy_problems_name_their_fields() {
     assert_problem(&found, "policies[0].retry.schedule", "at least one");
     assert_problem(&found, "policies[0].timeouts.connect", "above 0s");
     assert_problem(&found, "policies[1].bounces.from", "not an address");
+}
+
+#[test]
+fn a_worker_file_needs_policies_not_listeners() {
+    let config = load_str("policies:\n  - name: default\n", "t.yaml").unwrap();
+    assert!(config.listeners.is_empty());
+    assert_eq!(config.policies[0].name, "default");
 }

@@ -63,6 +63,13 @@ impl Config {
         if let Some(hostname) = &self.hostname {
             p.check("hostname", syntax::check_domain(hostname, false));
         }
+        if self.listeners.is_empty() && self.policies.is_empty() {
+            p.push(
+                "listeners",
+                "at least one listener is required (a file for `mailroom outbound` may have \
+                 policies instead)",
+            );
+        }
         check_listeners(&self.listeners, &mut p);
         check_policies(self, &mut p);
         check_queue(&self.queue, &mut p);
@@ -73,9 +80,6 @@ impl Config {
 }
 
 fn check_listeners(listeners: &[ListenerSpec], p: &mut Problems) {
-    if listeners.is_empty() {
-        p.push("listeners", "at least one listener is required");
-    }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
     for (i, listener) in listeners.iter().enumerate() {

@@ -11,8 +11,14 @@
 //! - [`mx`]: MX resolution with hickory-resolver (preference order, shuffle, implicit MX, null
 //!   MX, address families, address filtering).
 //! - [`dsn`]: delivery status notifications (RFC 3464 multipart/report).
+//! - [`outcome`]: per-recipient outcomes and what they mean for the lease.
+//! - [`worker`]: the loop that leases, delivers, logs, bounces and acks or defers.
 
 pub mod client;
 pub mod dsn;
+mod metrics;
 pub mod mx;
 pub mod outcome;
+pub mod worker;
+
+pub use worker::{Worker, WorkerDeps, WorkerError};

@@ -33,6 +33,15 @@ enum Command {
         #[arg(long, short, env = "MAILROOM_CONFIG")]
         config: PathBuf,
     },
+    /// Run the delivery workers of a pod against the cluster queue (queue.jetstream).
+    Outbound {
+        /// Config file (rendered by the operator into the pod's ConfigMap).
+        #[arg(long, short, env = "MAILROOM_CONFIG")]
+        config: PathBuf,
+        /// Run only this policy's workers (default: every policy in the file).
+        #[arg(long)]
+        policy: Option<String>,
+    },
     /// Validate a config file (syntax, fields, TLS files, users file, plugins) and exit.
     Check {
         /// Config file; without it the embedded default is checked.
@@ -71,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve::run(config.as_deref()),
         Command::Inbound { config } => serve::run_inbound(&config),
+        Command::Outbound { config, policy } => serve::run_outbound(&config, policy.as_deref()),
         Command::Check { config } => serve::check(config.as_deref()),
         Command::Queue {
             config,

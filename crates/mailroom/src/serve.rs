@@ -1,4 +1,5 @@
-//! `mailroom serve` and `mailroom check`.
+//! `mailroom serve`, `inbound`, `outbound` and `check`: one process runs the listeners, the
+//! delivery workers, or both, around one queue.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use mailroom_config::Config;
 use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use mailroom_outbound::{Worker, WorkerDeps};
 use mailroom_telemetry::{DeliveryLog, LogFormat, Readiness, init_tracing, serve_http};
 use tokio_util::sync::CancellationToken;
 
@@ -46,25 +48,80 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mailroom inbound`: the listeners of an inbound pod; the queue must be the cluster's.
-pub fn run_inbound(path: &Path) -> anyhow::Result<()> {
+/// What one process runs.
+#[derive(Clone, Debug)]
+struct Roles {
+    listeners: bool,
+    /// Delivery workers: none, or the policies to run (`None` = all).
+    workers: Option<Option<String>>,
+}
+
+/// Loads a pod's config file, which must use the cluster queue.
+fn load_pod_config(path: &Path, command: &str) -> anyhow::Result<Config> {
     let config = load_config(Some(path))?;
     if config.queue.jetstream.is_none() {
         anyhow::bail!(
-            "{}: queue.jetstream: `mailroom inbound` runs in a pod and needs the cluster queue; \
-             set queue.jetstream, or use `mailroom serve` for the local spool",
+            "{}: queue.jetstream: `mailroom {command}` runs in a pod and needs the cluster \
+             queue; set queue.jetstream, or use `mailroom serve` for the local spool",
             path.display()
         );
     }
-    start(config)
+    Ok(config)
 }
 
-/// Runs the listeners and the embedded queue until SIGINT or SIGTERM.
+/// `mailroom inbound`: the listeners of an inbound pod; the queue must be the cluster's.
+pub fn run_inbound(path: &Path) -> anyhow::Result<()> {
+    let config = load_pod_config(path, "inbound")?;
+    if config.listeners.is_empty() {
+        anyhow::bail!(
+            "{}: listeners: `mailroom inbound` needs at least one",
+            path.display()
+        );
+    }
+    let roles = Roles {
+        listeners: true,
+        workers: None,
+    };
+    start(config, roles)
+}
+
+/// `mailroom outbound`: the delivery workers of a pod; the queue must be the cluster's.
+pub fn run_outbound(path: &Path, policy: Option<&str>) -> anyhow::Result<()> {
+    let config = load_pod_config(path, "outbound")?;
+    if let Some(name) = policy
+        && !config.effective_policies().iter().any(|p| p.name == name)
+    {
+        anyhow::bail!(
+            "{}: --policy {name}: no such policy in the file",
+            path.display()
+        );
+    }
+    let roles = Roles {
+        listeners: false,
+        workers: Some(policy.map(str::to_owned)),
+    };
+    start(config, roles)
+}
+
+/// Runs the listeners, the delivery workers and the embedded queue until SIGINT or SIGTERM.
 pub fn run(path: Option<&Path>) -> anyhow::Result<()> {
-    start(load_config(path)?)
+    let roles = Roles {
+        listeners: true,
+        workers: Some(None),
+    };
+    start(load_config(path)?, roles)
 }
 
-fn start(config: Config) -> anyhow::Result<()> {
+/// The queue's lease time, from whichever backend is configured.
+fn lease_time(config: &Config) -> Duration {
+    match (&config.queue.jetstream, &config.queue.local) {
+        (Some(js), _) => js.lease_time.as_duration(),
+        (None, Some(local)) => local.lease_time.as_duration(),
+        (None, None) => Duration::from_secs(300),
+    }
+}
+
+fn start(config: Config, roles: Roles) -> anyhow::Result<()> {
     let format = match config.log.format {
         mailroom_config::LogFormat::Json => LogFormat::Json,
         _ => LogFormat::Text,
@@ -75,10 +132,10 @@ fn start(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, roles))
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
     let queue = open_queue(&config.queue, None, false).await?;
     let delivery_log = DeliveryLog::open(config.log.delivery_log.as_deref().map(Path::new))?;
     let deps = InboundDeps {
@@ -86,9 +143,33 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         delivery_log,
         hostname: config.effective_hostname(),
     };
+    let mut workers = Vec::new();
+    if let Some(only) = &roles.workers {
+        let worker_deps = WorkerDeps {
+            queue: Arc::clone(&queue),
+            delivery_log: deps.delivery_log.clone(),
+            hostname: config.effective_hostname(),
+            lease_time: lease_time(&config),
+        };
+        for policy in config.effective_policies() {
+            if only.as_ref().is_some_and(|name| *name != policy.name) {
+                continue;
+            }
+            if policy.hold {
+                tracing::info!(policy = %policy.name, "policy on hold: its mail stays queued");
+                continue;
+            }
+            workers.push(Worker::new(&policy, worker_deps.clone())?);
+        }
+    }
     let mut listeners = Vec::new();
     let mut grace = Duration::from_secs(0);
-    for (i, spec) in config.listeners.iter().enumerate() {
+    let listener_specs = if roles.listeners {
+        config.listeners.as_slice()
+    } else {
+        &[]
+    };
+    for (i, spec) in listener_specs.iter().enumerate() {
         let l = Listener::bind(spec, &format!("listeners[{i}]"), &deps).await?;
         tracing::info!(listener = %spec.name, address = %l.local_addr()?, mode = ?spec.mode, "listening");
         grace = grace.max(spec.timeouts.shutdown_grace.as_duration());
@@ -118,8 +199,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|l| tokio::spawn(l.run(shutdown.clone())))
         .collect();
+    let worker_stop = CancellationToken::new();
+    // Deliveries still running at shutdown get this long; the queue hands out the rest again.
+    let worker_grace = Duration::from_secs(20);
+    let worker_tasks: Vec<_> = workers
+        .into_iter()
+        .map(|w| tokio::spawn(w.run(worker_stop.clone(), worker_grace)))
+        .collect();
     ready.store(true, Ordering::Release);
-    tracing::info!(queue = queue.backend(), "mailroom serve ready");
+    tracing::info!(
+        queue = queue.backend(),
+        listeners = listener_specs.len(),
+        workers = worker_tasks.len(),
+        "mailroom ready"
+    );
 
     wait_for_signal().await;
     ready.store(false, Ordering::Release);
@@ -133,7 +226,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::time::sleep(grace).await;
         abort.cancel();
     });
+    worker_stop.cancel();
     for t in tasks {
+        let _ = t.await;
+    }
+    for t in worker_tasks {
         let _ = t.await;
     }
     http_stop.cancel();

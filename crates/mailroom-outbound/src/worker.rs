@@ -1,0 +1,738 @@
+//! The delivery worker of one policy: leases domain entries from the queue, delivers each over
+//! SMTP (MX or relay), and ends every lease with ack or defer.
+//!
+//! Per lease: a bounce request or an expired entry skips delivery; otherwise the route is
+//! resolved (MX with preference order, or the relay), hosts are tried in order until one takes
+//! the transaction (connection errors and failures before MAIL move on to the next address),
+//! and each recipient gets a [`RecipientOutcome`]. [`decide`] turns them into ack or defer.
+//! Recipients that failed permanently get one DSN, which is queued **before** the lease is
+//! acked, so a crash between the two sends the report twice rather than never. While a delivery
+//! runs, the lease is extended every third of the lease time.
+//!
+//! Connections are reused: after a transaction a usable connection goes back to a pool keyed
+//! by host name and port, for up to `maxMessagesPerConnection` messages; pooled connections
+//! idle longer than `timeouts.idle` are closed.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mailroom_config::{DeliveryPolicySpec, OutboundTlsMode};
+use mailroom_queue::{
+    Envelope, Lease, LeaseRequest, Queue, QueueError, QueueId, Recipient, Retry, StoredMessage,
+    now_ms,
+};
+use mailroom_telemetry::DeliveryLog;
+use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{
+    ClientConfig, ClientError, Connection, Credentials, SendOutcome, Target, TlsPolicy, TlsRoots,
+    Transaction,
+};
+use crate::dsn::{self, Action, DsnInput, RecipientReport};
+use crate::metrics;
+use crate::mx::{MxResolver, ResolverConfig};
+use crate::outcome::{Disposition, RecipientOutcome, all, decide};
+
+/// Most entries asked for in one lease call.
+const LEASE_BATCH: usize = 64;
+/// How long one lease call waits for work.
+const LEASE_WAIT: Duration = Duration::from_secs(5);
+/// Pause after a failed lease call (queue unavailable).
+const LEASE_ERROR_PAUSE: Duration = Duration::from_secs(1);
+/// Largest original message returned whole in a bounce.
+const MAX_RETURNED_BODY: usize = 256 << 10;
+
+/// What a worker needs besides its policy.
+#[derive(Clone)]
+pub struct WorkerDeps {
+    /// The queue to take entries from (and to put bounces in).
+    pub queue: Arc<dyn Queue>,
+    /// The JSON delivery log.
+    pub delivery_log: DeliveryLog,
+    /// Our host name: EHLO (unless the policy sets `heloName`), bounces, Reporting-MTA.
+    pub hostname: String,
+    /// The queue's lease time; the worker extends running deliveries every third of it.
+    pub lease_time: Duration,
+}
+
+/// A policy that cannot run, with the field to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("policies[{policy}].{field}: {reason}")]
+pub struct WorkerError {
+    /// The policy name.
+    pub policy: String,
+    /// The camelCase field path inside the policy.
+    pub field: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Where a policy sends mail.
+enum Routing {
+    Mx {
+        resolver: Box<MxResolver>,
+        port: u16,
+    },
+    Relay {
+        host: String,
+        port: u16,
+    },
+}
+
+/// Pooled idle connections by `host:port`.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
+}
+
+impl Pool {
+    fn take(&self, key: &str, max_idle: Duration) -> Option<Connection> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(key)?;
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < max_idle && conn.is_usable() {
+                return Some(conn);
+            }
+            close(conn);
+        }
+        None
+    }
+
+    fn put(&self, key: String, conn: Connection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .push((conn, Instant::now()));
+    }
+
+    /// Closes connections idle for `max_idle` or longer (all of them when zero).
+    fn reap(&self, max_idle: Duration) {
+        let mut stale = Vec::new();
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            for list in idle.values_mut() {
+                let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(list)
+                    .into_iter()
+                    .partition(|(_, since)| max_idle.is_zero() || since.elapsed() >= max_idle);
+                *list = fresh;
+                stale.extend(old.into_iter().map(|(c, _)| c));
+            }
+            idle.retain(|_, list| !list.is_empty());
+        }
+        for conn in stale {
+            close(conn);
+        }
+    }
+}
+
+/// Says QUIT in the background.
+fn close(conn: Connection) {
+    metrics::CONNECTIONS_OPEN.dec();
+    tokio::spawn(async move {
+        let _ = conn.quit().await;
+    });
+}
+
+/// The delivery worker of one policy.
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    spec: DeliveryPolicySpec,
+    deps: WorkerDeps,
+    routing: Routing,
+    client: ClientConfig,
+    pool: Pool,
+}
+
+/// Where one attempt ended up, for the delivery log and DSNs.
+#[derive(Default)]
+struct Attempt {
+    outcomes: Vec<(Recipient, RecipientOutcome)>,
+    host: Option<String>,
+    addr: Option<SocketAddr>,
+    tls: Option<String>,
+}
+
+impl Attempt {
+    fn everyone(recipients: &[Recipient], outcome: RecipientOutcome) -> Attempt {
+        Attempt {
+            outcomes: all(recipients, &outcome),
+            ..Attempt::default()
+        }
+    }
+}
+
+impl Worker {
+    /// Prepares the worker of `spec`: the resolver (MX) or the relay settings, TLS roots,
+    /// relay credentials. Errors name the policy field to fix.
+    pub fn new(spec: &DeliveryPolicySpec, deps: WorkerDeps) -> Result<Worker, WorkerError> {
+        let err = |field: &'static str, reason: String| WorkerError {
+            policy: spec.name.clone(),
+            field,
+            reason,
+        };
+        let helo = spec
+            .helo_name
+            .clone()
+            .unwrap_or_else(|| deps.hostname.clone());
+        let mut client = ClientConfig::new(helo);
+        client.timeouts = (&spec.timeouts).into();
+        let routing = match &spec.routing.relay {
+            Some(relay) => {
+                client.tls = relay.tls.into();
+                client.verify_certificates = relay.verify_certificate;
+                client.roots = match &relay.ca_file {
+                    Some(path) => TlsRoots::from_pem_file(std::path::Path::new(path))
+                        .map_err(|e| err("routing.relay.caFile", e.to_string()))?,
+                    None => system_roots(),
+                };
+                if let (Some(user), Some(file)) = (&relay.user, &relay.password_file) {
+                    let password = std::fs::read_to_string(file)
+                        .map_err(|e| err("routing.relay.passwordFile", format!("{file}: {e}")))?;
+                    client.credentials = Some(Credentials::new(
+                        user.clone(),
+                        password.trim_end_matches(['\r', '\n']).to_string(),
+                    ));
+                }
+                Routing::Relay {
+                    host: relay.host.clone(),
+                    port: relay.port,
+                }
+            }
+            None => {
+                client.tls = spec.tls.into();
+                if spec.tls == OutboundTlsMode::Required {
+                    client.roots = system_roots();
+                }
+                let mut nameservers = Vec::new();
+                for ns in &spec.resolver.nameservers {
+                    nameservers.push(
+                        ns.parse::<SocketAddr>()
+                            .map_err(|e| err("resolver.nameservers", format!("{ns}: {e}")))?,
+                    );
+                }
+                let config = ResolverConfig {
+                    nameservers,
+                    ip_version: spec.resolver.ip_version,
+                    allow_private: spec.allow_private_destinations,
+                    ..ResolverConfig::default()
+                };
+                let resolver =
+                    MxResolver::new(config).map_err(|e| err("resolver", e.to_string()))?;
+                Routing::Mx {
+                    resolver: Box::new(resolver),
+                    port: spec.mx_port,
+                }
+            }
+        };
+        Ok(Worker {
+            inner: Arc::new(Inner {
+                spec: spec.clone(),
+                deps,
+                routing,
+                client,
+                pool: Pool::default(),
+            }),
+        })
+    }
+
+    /// The policy's name.
+    pub fn policy(&self) -> &str {
+        &self.inner.spec.name
+    }
+
+    /// Delivers until `stop`; then finishes running deliveries for up to `grace` (leases of
+    /// those still running after that are handed out again by the queue).
+    pub async fn run(self, stop: CancellationToken, grace: Duration) {
+        let inner = self.inner;
+        let permits = Arc::new(Semaphore::new(inner.spec.concurrency.max(1) as usize));
+        let tracker = TaskTracker::new();
+        let idle = inner.spec.timeouts.idle.as_duration();
+        let reaper = {
+            let inner = Arc::clone(&inner);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tick.tick() => inner.pool.reap(idle),
+                    }
+                }
+            })
+        };
+        tracing::info!(policy = %inner.spec.name, concurrency = inner.spec.concurrency, "delivery worker started");
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => break,
+                p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let mut held = vec![first];
+            while held.len() < LEASE_BATCH {
+                match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            let request = LeaseRequest::new(inner.spec.name.clone(), held.len(), LEASE_WAIT)
+                .max_age(inner.spec.retry.max_age.as_duration());
+            let leased = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = inner.deps.queue.lease(&request) => r,
+            };
+            match leased {
+                Ok(leases) => {
+                    for (lease, permit) in leases.into_iter().zip(held) {
+                        let inner = Arc::clone(&inner);
+                        tracker.spawn(async move {
+                            inner.handle(lease).await;
+                            drop(permit);
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(policy = %inner.spec.name, error = %e, "lease failed; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(LEASE_ERROR_PAUSE) => {}
+                    }
+                }
+            }
+        }
+        tracker.close();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(policy = %inner.spec.name, "deliveries still running after the grace period; their entries will be delivered again");
+        }
+        reaper.abort();
+        inner.pool.reap(Duration::ZERO);
+        tracing::info!(policy = %inner.spec.name, "delivery worker stopped");
+    }
+}
+
+/// The system's trust anchors, or none (then `Required` TLS fails to verify, visibly).
+fn system_roots() -> TlsRoots {
+    TlsRoots::system().unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "no system CA certificates; TLS verification will fail");
+        TlsRoots::default()
+    })
+}
+
+impl Inner {
+    /// One lease, from attempt to ack or defer.
+    async fn handle(&self, lease: Lease) {
+        let started = Instant::now();
+        let attempt = {
+            let run = self.attempt(&lease);
+            tokio::pin!(run);
+            let every = (self.deps.lease_time / 3).max(Duration::from_millis(100));
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tokio::select! {
+                    a = &mut run => break a,
+                    _ = tick.tick() => {
+                        if let Err(e) = self.deps.queue.extend(&lease).await {
+                            tracing::warn!(entry = %lease.key, error = %e, "could not extend the lease");
+                        }
+                    }
+                }
+            }
+        };
+        metrics::ATTEMPT_SECONDS
+            .with_label_values(&[&self.spec.name])
+            .observe(started.elapsed().as_secs_f64());
+        let key = lease.key.clone();
+        if let Err(e) = self.finish(lease, attempt).await {
+            // Not acked: the queue hands the entry out again after the lease time.
+            tracing::error!(entry = %key, error = %e, "could not record the outcome; the entry will be delivered again");
+        }
+    }
+
+    /// Tries to deliver the lease's recipients.
+    async fn attempt(&self, lease: &Lease) -> Attempt {
+        let recipients = &lease.message.envelope.recipients;
+        if let Some(reason) = &lease.state.bounce_requested {
+            return Attempt::everyone(
+                recipients,
+                RecipientOutcome::Permanent {
+                    response: format!("returned to the sender by the postmaster: {reason}"),
+                    status: (5, 0, 0),
+                },
+            );
+        }
+        if lease.expired {
+            let last = lease
+                .state
+                .last_response
+                .clone()
+                .unwrap_or_else(|| "no delivery attempt succeeded".into());
+            return Attempt::everyone(recipients, RecipientOutcome::Transient { response: last });
+        }
+        match &self.routing {
+            Routing::Relay { host, port } => {
+                let addrs = match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => addrs.collect::<Vec<_>>(),
+                    Err(e) => {
+                        return Attempt::everyone(
+                            recipients,
+                            RecipientOutcome::Transient {
+                                response: format!("relay {host}:{port}: cannot resolve: {e}"),
+                            },
+                        );
+                    }
+                };
+                let targets = addrs
+                    .into_iter()
+                    .map(|a| Target::new(a.ip(), a.port(), host.clone()));
+                self.deliver_via(lease, targets.collect()).await
+            }
+            Routing::Mx { resolver, port } => match resolver.resolve(&lease.key.domain).await {
+                Ok(route) => {
+                    let targets = route
+                        .addresses()
+                        .map(|(host, ip)| Target::new(ip, *port, host.name.clone()))
+                        .collect();
+                    self.deliver_via(lease, targets).await
+                }
+                Err(e) if e.is_permanent() => Attempt::everyone(
+                    recipients,
+                    RecipientOutcome::Permanent {
+                        response: e.to_string(),
+                        status: parse_status(e.enhanced_status()).unwrap_or((5, 4, 4)),
+                    },
+                ),
+                Err(e) => Attempt::everyone(
+                    recipients,
+                    RecipientOutcome::Transient {
+                        response: e.to_string(),
+                    },
+                ),
+            },
+        }
+    }
+
+    /// Tries `targets` in order until one takes the transaction.
+    async fn deliver_via(&self, lease: &Lease, targets: Vec<Target>) -> Attempt {
+        let recipients = &lease.message.envelope.recipients;
+        let mut last: Option<ClientError> = None;
+        for target in targets {
+            let key = format!("{}:{}", target.host, target.addr.port());
+            let sent = match self.pool.take(&key, self.spec.timeouts.idle.as_duration()) {
+                Some(conn) => self.send(lease, conn, key).await,
+                None => match self.connect(&target).await {
+                    Ok(conn) => self.send(lease, conn, key).await,
+                    Err(e) => Err(e),
+                },
+            };
+            match sent {
+                Err(e) if e.try_next_host() => {
+                    tracing::info!(entry = %lease.key, host = %target.host, addr = %target.addr, error = %e, "trying the next host");
+                    last = Some(e);
+                    continue;
+                }
+                Err(e) => {
+                    return Attempt {
+                        host: Some(target.host.clone()),
+                        addr: Some(target.addr),
+                        ..Attempt::everyone(recipients, classify(&e))
+                    };
+                }
+                Ok((outcome, tls)) => {
+                    let outcomes = recipients
+                        .iter()
+                        .cloned()
+                        .zip(outcome.recipients.iter().map(|r| {
+                            RecipientOutcome::from_reply(
+                                r.reply.code,
+                                r.reply.enhanced.map(|e| (e.0, e.1, e.2)),
+                                r.response(),
+                            )
+                        }))
+                        .collect();
+                    return Attempt {
+                        outcomes,
+                        host: Some(target.host.clone()),
+                        addr: Some(target.addr),
+                        tls,
+                    };
+                }
+            }
+        }
+        let response = last.map_or_else(
+            || format!("{}: no host to deliver to", lease.key.domain),
+            |e| e.to_string(),
+        );
+        Attempt::everyone(recipients, RecipientOutcome::Transient { response })
+    }
+
+    /// Connects; under opportunistic TLS a failed handshake is retried once in plaintext (as
+    /// Postfix's `may` level does).
+    async fn connect(&self, target: &Target) -> Result<Connection, ClientError> {
+        let result = match Connection::connect(target, &self.client).await {
+            Err(ClientError::Tls { .. }) if self.client.tls == TlsPolicy::Opportunistic => {
+                tracing::info!(host = %target.host, addr = %target.addr, "STARTTLS failed; retrying without TLS (opportunistic)");
+                let mut plain = self.client.clone();
+                plain.tls = TlsPolicy::Disabled;
+                Connection::connect(target, &plain).await
+            }
+            other => other,
+        };
+        if result.is_ok() {
+            metrics::CONNECTIONS_OPEN.inc();
+        }
+        result
+    }
+
+    /// Sends the lease's message over `conn`; a usable connection goes back to the pool.
+    async fn send(
+        &self,
+        lease: &Lease,
+        mut conn: Connection,
+        key: String,
+    ) -> Result<(SendOutcome, Option<String>), ClientError> {
+        let tx = Transaction::from_envelope(&lease.message.envelope);
+        let result = conn.send(&tx, &lease.message.body).await;
+        let tls = conn
+            .tls_info()
+            .map(|t| format!("{} {}", t.protocol, t.cipher_suite));
+        if conn.is_usable() && conn.messages_sent() < self.spec.max_messages_per_connection {
+            if conn.reset().await.is_ok() {
+                self.pool.put(key, conn);
+            } else {
+                metrics::CONNECTIONS_OPEN.dec();
+            }
+        } else {
+            close(conn);
+        }
+        result.map(|o| (o, tls))
+    }
+
+    /// Logs, bounces, and acks or defers.
+    async fn finish(&self, lease: Lease, attempt: Attempt) -> Result<(), QueueError> {
+        let now = now_ms();
+        let expired = lease.expired;
+        let mut delivered = 0;
+        for (recipient, outcome) in &attempt.outcomes {
+            if let RecipientOutcome::Delivered { response } = outcome {
+                delivered += 1;
+                self.log(
+                    "delivery",
+                    &lease,
+                    recipient,
+                    response,
+                    &attempt,
+                    Map::new(),
+                );
+            }
+        }
+        metrics::RECIPIENTS
+            .with_label_values(&[&self.spec.name, "delivered"])
+            .inc_by(delivered);
+        match decide(attempt.outcomes.clone(), expired) {
+            Disposition::Done { bounced } => {
+                self.bounce(&lease, &bounced, &attempt, expired, now)
+                    .await?;
+                self.deps.queue.ack(lease).await
+            }
+            Disposition::Retry {
+                pending,
+                response,
+                bounced,
+            } => {
+                self.bounce(&lease, &bounced, &attempt, false, now).await?;
+                let wait = self.spec.retry.delay_after(lease.state.attempts + 1);
+                let at_ms = now + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+                let next = lease.expires_at_ms.map_or(at_ms, |e| at_ms.min(e));
+                for r in &pending {
+                    let mut extra = Map::new();
+                    extra.insert("attempts".into(), json!(lease.state.attempts + 1));
+                    extra.insert("next_attempt_ms".into(), json!(next));
+                    self.log("transient_failure", &lease, r, &response, &attempt, extra);
+                }
+                metrics::RECIPIENTS
+                    .with_label_values(&[&self.spec.name, "deferred"])
+                    .inc_by(pending.len() as u64);
+                self.deps
+                    .queue
+                    .defer(
+                        lease,
+                        Retry {
+                            at_ms,
+                            recipients: pending,
+                            response,
+                        },
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// Logs the permanent failures and queues one DSN for those the sender asked to hear of.
+    async fn bounce(
+        &self,
+        lease: &Lease,
+        bounced: &[(Recipient, RecipientOutcome)],
+        attempt: &Attempt,
+        expired: bool,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        if bounced.is_empty() {
+            return Ok(());
+        }
+        let event = if expired { "expiration" } else { "bounce" };
+        let mut reports = Vec::with_capacity(bounced.len());
+        for (recipient, outcome) in bounced {
+            self.log(
+                event,
+                lease,
+                recipient,
+                outcome.response(),
+                attempt,
+                Map::new(),
+            );
+            let status = match outcome {
+                RecipientOutcome::Permanent { status, .. } => *status,
+                _ => (5, 0, 0),
+            };
+            reports.push(RecipientReport {
+                recipient: recipient.clone(),
+                action: Action::Failed,
+                status,
+                remote_mta: attempt.host.clone(),
+                diagnostic: Some(outcome.response().to_string()),
+                last_attempt_ms: Some(now),
+                will_retry_until_ms: None,
+            });
+        }
+        metrics::RECIPIENTS
+            .with_label_values(&[
+                self.spec.name.as_str(),
+                if expired { "expired" } else { "bounced" },
+            ])
+            .inc_by(bounced.len() as u64);
+        let from = self
+            .spec
+            .bounces
+            .from
+            .clone()
+            .unwrap_or_else(|| format!("MAILER-DAEMON@{}", self.deps.hostname));
+        let input = DsnInput {
+            reporting_mta: &self.deps.hostname,
+            from: &from,
+            envelope: &lease.message.envelope,
+            original: &lease.message.body,
+            reports: &reports,
+            arrival_ms: lease.message.envelope.received_at_ms,
+            now_ms: now,
+            message_id_domain: &self.deps.hostname,
+            max_returned_body: MAX_RETURNED_BODY,
+        };
+        let Some(report) = dsn::build(&input) else {
+            return Ok(());
+        };
+        let domain = report
+            .recipient
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        let id = QueueId::new();
+        let message = StoredMessage {
+            envelope: Envelope {
+                id,
+                sender: report.sender,
+                recipients: vec![Recipient {
+                    address: report.recipient.clone(),
+                    domain,
+                    notify: None,
+                    orcpt: None,
+                }],
+                ret: None,
+                envid: None,
+                body_type: Some(report.body),
+                smtputf8: report.smtputf8,
+                received_at_ms: now,
+                listener: "bounce".into(),
+                client_ip: None,
+                helo: None,
+                auth_user: None,
+                policy: self.spec.name.clone(),
+                message_id: None,
+            },
+            body: report.message.into(),
+        };
+        self.deps.queue.enqueue(message).await?;
+        let mut fields = Map::new();
+        fields.insert("queue_id".into(), json!(id.to_string()));
+        fields.insert("original_queue_id".into(), json!(lease.key.id.to_string()));
+        fields.insert("recipient".into(), json!(report.recipient));
+        fields.insert("policy".into(), json!(self.spec.name));
+        self.deps.delivery_log.record("dsn_queued", fields);
+        Ok(())
+    }
+
+    fn log(
+        &self,
+        event: &str,
+        lease: &Lease,
+        recipient: &Recipient,
+        response: &str,
+        attempt: &Attempt,
+        extra: Map<String, Value>,
+    ) {
+        let envelope = &lease.message.envelope;
+        let mut fields = Map::new();
+        fields.insert("queue_id".into(), json!(lease.key.id.to_string()));
+        fields.insert("message_id".into(), json!(envelope.message_id));
+        fields.insert("sender".into(), json!(envelope.sender));
+        fields.insert("recipient".into(), json!(recipient.address));
+        fields.insert("domain".into(), json!(lease.key.domain));
+        fields.insert("policy".into(), json!(self.spec.name));
+        fields.insert("host".into(), json!(attempt.host));
+        fields.insert(
+            "ip".into(),
+            json!(
+                attempt
+                    .addr
+                    .map(|a| a.ip())
+                    .map(|ip: IpAddr| ip.to_string())
+            ),
+        );
+        fields.insert("tls".into(), json!(attempt.tls));
+        fields.insert("response".into(), json!(response));
+        fields.insert("deliveries".into(), json!(lease.deliveries));
+        fields.extend(extra);
+        self.deps.delivery_log.record(event, fields);
+    }
+}
+
+/// The outcome of a transaction-level client error for every recipient.
+fn classify(e: &ClientError) -> RecipientOutcome {
+    if e.is_permanent() {
+        let s = e.status();
+        RecipientOutcome::Permanent {
+            response: e.to_string(),
+            status: (s.0, s.1, s.2),
+        }
+    } else {
+        RecipientOutcome::Transient {
+            response: e.to_string(),
+        }
+    }
+}
+
+/// `"5.1.10"` -> `(5, 1, 10)`.
+fn parse_status(s: &str) -> Option<(u8, u16, u16)> {
+    let mut parts = s.split('.');
+    let class = parts.next()?.parse().ok()?;
+    let subject = parts.next()?.parse().ok()?;
+    let detail = parts.next()?.parse().ok()?;
+    Some((class, subject, detail))
+}
