@@ -5,8 +5,10 @@
 //! resolved (MX with preference order, or the relay), hosts are tried in order until one takes
 //! the transaction (connection errors and failures before MAIL move on to the next address),
 //! and each recipient gets a [`RecipientOutcome`]. [`decide`] turns them into ack or defer.
-//! Recipients that failed permanently get one DSN, which is queued **before** the lease is
-//! acked, so a crash between the two sends the report twice rather than never. While a delivery
+//! Recipients that failed permanently get one DSN per domain entry (a message with failures at
+//! two destination domains produces two reports, each listing its own recipients), queued
+//! **before** the lease is acked, so a crash between the two sends the report twice rather
+//! than never. A message from the null sender is never reported on. While a delivery
 //! runs, the lease is extended every third of the lease time.
 //!
 //! Connections are reused: after a transaction a usable connection goes back to a pool keyed

@@ -1,0 +1,422 @@
+//! The delivery worker end to end inside one process, with real parts: the local spool as the
+//! sending queue, the test kit's DNS server on loopback for MX records, and Mailroom inbound
+//! listeners on 127.0.0.x as the receiving MX hosts (each with its own spool to look into).
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdTcpListener};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mailroom_config::{DeliveryPolicySpec, HumanDuration, ListenerSpec};
+use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use mailroom_outbound::{Worker, WorkerDeps};
+use mailroom_queue::local::{LocalOptions, LocalQueue};
+use mailroom_queue::{Queue, StoredMessage, contract};
+use mailroom_telemetry::DeliveryLog;
+use mailroom_testkit::{DnsServer, Zone};
+use tokio_util::sync::CancellationToken;
+
+const LEASE: Duration = Duration::from_secs(2);
+
+/// A free TCP port on 127.0.0.1 (the receivers bind the same port on other 127.0.0.x).
+fn free_port() -> u16 {
+    StdTcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A Mailroom inbound listener with its own spool, accepting `domains`.
+struct Receiver {
+    queue: Arc<LocalQueue>,
+    shutdown: Shutdown,
+    _dir: tempfile::TempDir,
+}
+
+impl Receiver {
+    async fn start(addr: SocketAddr, domains: &[&str]) -> Receiver {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Arc::new(
+            LocalQueue::open(dir.path().join("spool"), LocalOptions::default())
+                .await
+                .expect("receiver spool"),
+        );
+        let mut spec = ListenerSpec::new("mx", addr.to_string());
+        spec.accepted_domains = domains.iter().map(|d| d.to_string()).collect();
+        spec.hostname = Some(format!("mx.{}", domains[0]));
+        let deps = InboundDeps {
+            queue: Arc::clone(&queue) as Arc<dyn Queue>,
+            delivery_log: DeliveryLog::discard(),
+            hostname: "mx.test".into(),
+        };
+        let listener = Listener::bind(&spec, "listeners[0]", &deps)
+            .await
+            .expect("bind receiver");
+        let shutdown = Shutdown::default();
+        tokio::spawn(listener.run(shutdown.clone()));
+        Receiver {
+            queue,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// Waits until the receiver holds `n` messages; returns them.
+    async fn wait_for(&self, n: usize, within: Duration) -> Vec<StoredMessage> {
+        let deadline = Instant::now() + within;
+        loop {
+            let list = self.queue.list(usize::MAX).await.expect("list");
+            if list.len() >= n || Instant::now() > deadline {
+                let mut out = Vec::new();
+                for e in list {
+                    out.push(self.queue.get(e.id).await.expect("get").expect("stored"));
+                }
+                return out;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.shutdown.stop.cancel();
+        self.shutdown.abort.cancel();
+    }
+}
+
+/// The sending side: a spool and a running worker for `policy`.
+struct Sender {
+    queue: Arc<LocalQueue>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sender {
+    async fn start(policy: &DeliveryPolicySpec) -> Sender {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let queue = Arc::new(
+            LocalQueue::open(
+                dir.path().join("spool"),
+                LocalOptions {
+                    lease_time: LEASE,
+                    ..LocalOptions::default()
+                },
+            )
+            .await
+            .expect("sender spool"),
+        );
+        let log = dir.path().join("delivery.jsonl");
+        let (stop, task) = Self::run(policy, &queue, &log);
+        Sender {
+            queue,
+            stop,
+            task,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn run(
+        policy: &DeliveryPolicySpec,
+        queue: &Arc<LocalQueue>,
+        log: &std::path::Path,
+    ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let deps = WorkerDeps {
+            queue: Arc::clone(queue) as Arc<dyn Queue>,
+            delivery_log: DeliveryLog::open(Some(log)).expect("delivery log"),
+            hostname: "sender.test".into(),
+            lease_time: LEASE,
+        };
+        let worker = Worker::new(policy, deps).expect("worker");
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(worker.run(stop.clone(), Duration::from_secs(5)));
+        (stop, task)
+    }
+
+    async fn wait_empty(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.queue.stats().await.expect("stats").messages == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    fn log_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+fn policy(dns: &DnsServer, port: u16) -> DeliveryPolicySpec {
+    let mut p = DeliveryPolicySpec::default();
+    p.resolver.nameservers = vec![dns.addr().to_string()];
+    p.allow_private_destinations = true;
+    p.mx_port = port;
+    p.retry.schedule = vec![HumanDuration::from_secs(1)];
+    p.timeouts.connect = HumanDuration::from_secs(2);
+    p
+}
+
+fn message(sender: &str, rcpts: &[&str], body: &str) -> StoredMessage {
+    let mut m = contract::message(sender, rcpts);
+    m.body = Bytes::from(body.to_string());
+    m
+}
+
+fn events<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["event"] == kind).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_through_mx_with_fallback_and_reuses_connections() {
+    let port = free_port();
+    // MX 10 points at an address where nothing listens; MX 20 at the receiver.
+    let zone = Zone::new()
+        .mx("dest.test", 10, "dead.dest.test")
+        .a("dead.dest.test", "127.0.1.9")
+        .mx("dest.test", 20, "mx.dest.test")
+        .a("mx.dest.test", "127.0.1.2");
+    let dns = DnsServer::start(zone).expect("dns");
+    let receiver = Receiver::start(SocketAddr::from(([127, 0, 1, 2], port)), &["dest.test"]).await;
+    let sender = Sender::start(&policy(&dns, port)).await;
+    let body = "Subject: hi\r\n\r\n.leading dot\r\nend\r\n";
+    for i in 0..3 {
+        let m = message(
+            "a@client.test",
+            &[&format!("r{i}@dest.test"), "x@dest.test"],
+            body,
+        );
+        sender.queue.enqueue(m).await.expect("enqueue");
+    }
+    assert!(
+        sender.wait_empty(Duration::from_secs(20)).await,
+        "all delivered"
+    );
+    let got = receiver.wait_for(3, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 3);
+    for m in &got {
+        assert_eq!(m.envelope.sender, "a@client.test");
+        assert_eq!(m.envelope.recipients.len(), 2);
+        let text = String::from_utf8_lossy(&m.body);
+        assert!(
+            text.ends_with(body),
+            "body intact, dot line unstuffed: {text}"
+        );
+        assert!(text.contains("from sender.test"), "our EHLO name: {text}");
+    }
+    let log = sender.log_events();
+    let delivered = events(&log, "delivery");
+    assert_eq!(delivered.len(), 6, "one line per recipient: {log:?}");
+    assert!(
+        delivered
+            .iter()
+            .all(|e| e["host"] == "mx.dest.test" && e["ip"] == "127.0.1.2")
+    );
+    assert!(
+        delivered
+            .iter()
+            .all(|e| e["response"].as_str().is_some_and(|r| r.starts_with("250")))
+    );
+    sender.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_bounce_to_the_sender_and_never_bounce_a_bounce() {
+    let port = free_port();
+    // dest.test's receiver accepts dest.test only: other.test (same MX) gets 550 5.7.1.
+    let zone = Zone::new()
+        .mx("dest.test", 10, "mx.dest.test")
+        .mx("other.test", 10, "mx.dest.test")
+        .a("mx.dest.test", "127.0.1.3")
+        .mx("client.test", 10, "mx.client.test")
+        .a("mx.client.test", "127.0.1.4")
+        .null_mx("nullmx.test");
+    let dns = DnsServer::start(zone).expect("dns");
+    let dest = Receiver::start(SocketAddr::from(([127, 0, 1, 3], port)), &["dest.test"]).await;
+    let client = Receiver::start(SocketAddr::from(([127, 0, 1, 4], port)), &["client.test"]).await;
+    let sender = Sender::start(&policy(&dns, port)).await;
+    let original = message(
+        "alice@client.test",
+        &["ok@dest.test", "nobody@other.test", "x@nullmx.test"],
+        "Subject: will partly bounce\r\n\r\nhello\r\n",
+    );
+    sender
+        .queue
+        .enqueue(original.clone())
+        .await
+        .expect("enqueue");
+    // A bounce of a bounce must not happen: a message from <> that fails is dropped with a log line.
+    let dsn_like = message("", &["gone@other.test"], "Subject: a report\r\n\r\nx\r\n");
+    sender
+        .queue
+        .enqueue(dsn_like)
+        .await
+        .expect("enqueue null-sender message");
+
+    assert!(
+        sender.wait_empty(Duration::from_secs(20)).await,
+        "everything decided"
+    );
+    let delivered = dest.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].envelope.recipients[0].address, "ok@dest.test");
+
+    // One report per failed domain entry (the unit a worker handles), none for the message
+    // from <>.
+    let mut reports = client.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(
+        reports.len(),
+        2,
+        "one DSN per failed destination domain: {reports:?}"
+    );
+    reports.sort_by_key(|r| String::from_utf8_lossy(&r.body).contains("nullmx.test"));
+    for dsn in &reports {
+        assert_eq!(dsn.envelope.sender, "", "DSNs go out with MAIL FROM:<>");
+        assert_eq!(dsn.envelope.recipients[0].address, "alice@client.test");
+        let text = String::from_utf8_lossy(&dsn.body);
+        assert!(text.contains("report-type=delivery-status"), "{text}");
+        assert!(
+            text.contains("Subject: will partly bounce"),
+            "the original is returned"
+        );
+        assert!(
+            !text.contains("ok@dest.test"),
+            "the delivered recipient is not reported"
+        );
+    }
+    let relay_denied = String::from_utf8_lossy(&reports[0].body);
+    assert!(relay_denied.contains("Final-Recipient: rfc822; nobody@other.test"));
+    assert!(
+        relay_denied.contains("Diagnostic-Code: smtp; 550 5.7.1"),
+        "{relay_denied}"
+    );
+    assert!(relay_denied.contains("Remote-MTA: dns; mx.dest.test"));
+    let null_mx = String::from_utf8_lossy(&reports[1].body);
+    assert!(null_mx.contains("Final-Recipient: rfc822; x@nullmx.test"));
+    assert!(null_mx.contains("Status: 5.1.10"), "{null_mx}");
+
+    let log = sender.log_events();
+    assert_eq!(events(&log, "bounce").len(), 3, "{log:?}");
+    assert_eq!(
+        events(&log, "dsn_queued").len(),
+        2,
+        "no DSN for the null sender: {log:?}"
+    );
+    sender.stop().await;
+    drop((dest, client));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_on_schedule_until_delivered() {
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("later.test", 10, "mx.later.test")
+        .a("mx.later.test", "127.0.1.5");
+    let dns = DnsServer::start(zone).expect("dns");
+    let sender = Sender::start(&policy(&dns, port)).await;
+    let m = message(
+        "a@client.test",
+        &["r@later.test"],
+        "Subject: later\r\n\r\nx\r\n",
+    );
+    let id = m.envelope.id;
+    sender.queue.enqueue(m).await.expect("enqueue");
+    // Nothing listens yet: connection refused, deferred with the 1 s schedule.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let attempts = loop {
+        let entries = sender.queue.entries(id).await.expect("entries");
+        let attempts = entries.first().map_or(0, |e| e.state.attempts);
+        if attempts >= 2 || Instant::now() > deadline {
+            break entries;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(attempts[0].state.attempts >= 2, "retried: {attempts:?}");
+    let last = attempts[0].state.last_response.clone().unwrap_or_default();
+    assert!(last.contains("connection refused"), "{last}");
+    let failures = events(&sender.log_events(), "transient_failure").len();
+    assert!(failures >= 2, "one log line per attempt");
+
+    // The receiver comes up: the next attempt delivers.
+    let receiver = Receiver::start(SocketAddr::from(([127, 0, 1, 5], port)), &["later.test"]).await;
+    assert!(
+        sender.wait_empty(Duration::from_secs(10)).await,
+        "delivered after the retry"
+    );
+    assert_eq!(receiver.wait_for(1, Duration::from_secs(5)).await.len(), 1);
+    sender.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_dies_mid_delivery_loses_nothing() {
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("slow.test", 10, "mx.slow.test")
+        .a("mx.slow.test", "127.0.1.6");
+    let dns = DnsServer::start(zone).expect("dns");
+    // A server that accepts connections and never says a word: the delivery hangs in the
+    // greeting until the first worker is killed.
+    let silent = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 1, 6], port)))
+        .await
+        .expect("bind silent server");
+    let held = Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let accept = {
+        let held = Arc::clone(&held);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = silent.accept().await {
+                held.lock().await.push(stream);
+            }
+        })
+    };
+    let mut p = policy(&dns, port);
+    p.timeouts.greeting = HumanDuration::from_secs(60);
+    let sender = Sender::start(&p).await;
+    let m = message(
+        "a@client.test",
+        &["r@slow.test"],
+        "Subject: crash\r\n\r\nx\r\n",
+    );
+    sender.queue.enqueue(m).await.expect("enqueue");
+    // Wait until the worker is connected (stuck in the greeting), then kill it hard.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.lock().await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!held.lock().await.is_empty(), "the first worker connected");
+    sender.task.abort();
+    accept.abort();
+    held.lock().await.clear();
+
+    // The real receiver takes the address over; a second worker on the same queue gets the
+    // entry once the dead worker's lease has run out.
+    let receiver = Receiver::start(SocketAddr::from(([127, 0, 1, 6], port)), &["slow.test"]).await;
+    let (stop, task) = Sender::run(&policy(&dns, port), &sender.queue, &sender.log);
+    let got = receiver
+        .wait_for(1, LEASE * 3 + Duration::from_secs(10))
+        .await;
+    assert_eq!(got.len(), 1, "delivered by the second worker");
+    assert!(sender.wait_empty(Duration::from_secs(5)).await);
+    let log = sender.log_events();
+    let delivered = events(&log, "delivery");
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(
+        delivered[0]["deliveries"], 2,
+        "the second hand-out of the entry"
+    );
+    stop.cancel();
+    let _ = task.await;
+}
