@@ -420,3 +420,61 @@ async fn a_worker_that_dies_mid_delivery_loses_nothing() {
     stop.cancel();
     let _ = task.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_from_the_jetstream_queue() {
+    use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
+    let nats = mailroom_testkit::NatsServer::start()
+        .unwrap_or_else(|e| panic!("needs a nats-server (run e2e/tools/build.sh): {e}"));
+    let queue: Arc<dyn Queue> = Arc::new(
+        JetStreamQueue::connect(JetStreamOptions {
+            urls: vec![nats.url()],
+            lease_time: LEASE,
+            ..JetStreamOptions::default()
+        })
+        .await
+        .expect("jetstream queue"),
+    );
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("one.test", 10, "mx.one.test")
+        .mx("two.test", 10, "mx.one.test")
+        .a("mx.one.test", "127.0.1.7");
+    let dns = DnsServer::start(zone).expect("dns");
+    let receiver = Receiver::start(
+        SocketAddr::from(([127, 0, 1, 7], port)),
+        &["one.test", "two.test"],
+    )
+    .await;
+    let deps = WorkerDeps {
+        queue: Arc::clone(&queue),
+        delivery_log: DeliveryLog::discard(),
+        hostname: "sender.test".into(),
+        lease_time: LEASE,
+    };
+    let worker = Worker::new(&policy(&dns, port), deps).expect("worker");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(worker.run(stop.clone(), Duration::from_secs(5)));
+    for i in 0..5 {
+        let m = message(
+            "a@client.test",
+            &[&format!("r{i}@one.test"), &format!("r{i}@two.test")],
+            "Subject: via jetstream\r\n\r\nx\r\n",
+        );
+        queue.enqueue(m).await.expect("enqueue");
+    }
+    // Each message is two domain entries: ten deliveries.
+    let got = receiver.wait_for(10, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while queue.stats().await.expect("stats").messages > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        queue.stats().await.expect("stats").messages,
+        0,
+        "the stream is empty"
+    );
+    stop.cancel();
+    let _ = task.await;
+}
