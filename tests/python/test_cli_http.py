@@ -249,3 +249,25 @@ def test_listener_delivery_policy_is_recorded(mailroom_factory):
     (entry,) = server.queue_list()
     env, _ = server.queue_show(entry["id"])
     assert env["policy"] == "bulk"
+
+
+def test_check_names_unreadable_policy_files(tmp_path):
+    """`mailroom check` opens what the delivery workers would read, and names the field."""
+    cfg = tmp_path / "relay.yaml"
+    cfg.write_text(
+        "listeners:\n- name: smtp\n  address: 127.0.0.1:2525\n  acceptedDomains: [example.test]\n"
+        "  deliveryPolicy: out\n"
+        "policies:\n- name: out\n  routing:\n    relay: {host: smart.example.net, user: u, "
+        f"passwordFile: {tmp_path / 'missing'}}}\n"
+        "- name: ca\n  routing:\n    relay: {host: smart.example.net, "
+        f"caFile: {tmp_path / 'missing-ca.pem'}}}\n"
+    )
+    p = subprocess.run([MAILROOM_BIN, "check", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 1
+    assert "policies[out].routing.relay.passwordFile" in p.stderr, p.stderr
+    assert "policies[ca].routing.relay.caFile" in p.stderr, p.stderr
+    (tmp_path / "missing").write_text("s3cret\n")
+    cfg.write_text(cfg.read_text().split("- name: ca")[0])
+    p = subprocess.run([MAILROOM_BIN, "check", "--config", str(cfg)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert "1 delivery policy" in p.stdout

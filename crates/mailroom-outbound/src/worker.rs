@@ -177,65 +177,7 @@ impl Worker {
     /// Prepares the worker of `spec`: the resolver (MX) or the relay settings, TLS roots,
     /// relay credentials. Errors name the policy field to fix.
     pub fn new(spec: &DeliveryPolicySpec, deps: WorkerDeps) -> Result<Worker, WorkerError> {
-        let err = |field: &'static str, reason: String| WorkerError {
-            policy: spec.name.clone(),
-            field,
-            reason,
-        };
-        let helo = spec
-            .helo_name
-            .clone()
-            .unwrap_or_else(|| deps.hostname.clone());
-        let mut client = ClientConfig::new(helo);
-        client.timeouts = (&spec.timeouts).into();
-        let routing = match &spec.routing.relay {
-            Some(relay) => {
-                client.tls = relay.tls.into();
-                client.verify_certificates = relay.verify_certificate;
-                client.roots = match &relay.ca_file {
-                    Some(path) => TlsRoots::from_pem_file(std::path::Path::new(path))
-                        .map_err(|e| err("routing.relay.caFile", e.to_string()))?,
-                    None => system_roots(),
-                };
-                if let (Some(user), Some(file)) = (&relay.user, &relay.password_file) {
-                    let password = std::fs::read_to_string(file)
-                        .map_err(|e| err("routing.relay.passwordFile", format!("{file}: {e}")))?;
-                    client.credentials = Some(Credentials::new(
-                        user.clone(),
-                        password.trim_end_matches(['\r', '\n']).to_string(),
-                    ));
-                }
-                Routing::Relay {
-                    host: relay.host.clone(),
-                    port: relay.port,
-                }
-            }
-            None => {
-                client.tls = spec.tls.into();
-                if spec.tls == OutboundTlsMode::Required {
-                    client.roots = system_roots();
-                }
-                let mut nameservers = Vec::new();
-                for ns in &spec.resolver.nameservers {
-                    nameservers.push(
-                        ns.parse::<SocketAddr>()
-                            .map_err(|e| err("resolver.nameservers", format!("{ns}: {e}")))?,
-                    );
-                }
-                let config = ResolverConfig {
-                    nameservers,
-                    ip_version: spec.resolver.ip_version,
-                    allow_private: spec.allow_private_destinations,
-                    ..ResolverConfig::default()
-                };
-                let resolver =
-                    MxResolver::new(config).map_err(|e| err("resolver", e.to_string()))?;
-                Routing::Mx {
-                    resolver: Box::new(resolver),
-                    port: spec.mx_port,
-                }
-            }
-        };
+        let (routing, client) = prepare(spec, &deps.hostname)?;
         Ok(Worker {
             inner: Arc::new(Inner {
                 spec: spec.clone(),
@@ -245,6 +187,12 @@ impl Worker {
                 pool: Pool::default(),
             }),
         })
+    }
+
+    /// Checks what [`Worker::new`] reads (relay password and CA files, the resolver settings)
+    /// without running anything: for `mailroom check`.
+    pub fn check(spec: &DeliveryPolicySpec, hostname: &str) -> Result<(), WorkerError> {
+        prepare(spec, hostname).map(|_| ())
     }
 
     /// The policy's name.
@@ -318,6 +266,72 @@ impl Worker {
         inner.pool.reap(Duration::ZERO);
         tracing::info!(policy = %inner.spec.name, "delivery worker stopped");
     }
+}
+
+/// The routing and client settings of `spec`; errors name the policy field to fix.
+fn prepare(
+    spec: &DeliveryPolicySpec,
+    hostname: &str,
+) -> Result<(Routing, ClientConfig), WorkerError> {
+    let err = |field: &'static str, reason: String| WorkerError {
+        policy: spec.name.clone(),
+        field,
+        reason,
+    };
+    let helo = spec
+        .helo_name
+        .clone()
+        .unwrap_or_else(|| hostname.to_string());
+    let mut client = ClientConfig::new(helo);
+    client.timeouts = (&spec.timeouts).into();
+    let routing = match &spec.routing.relay {
+        Some(relay) => {
+            client.tls = relay.tls.into();
+            client.verify_certificates = relay.verify_certificate;
+            client.roots = match &relay.ca_file {
+                Some(path) => TlsRoots::from_pem_file(std::path::Path::new(path))
+                    .map_err(|e| err("routing.relay.caFile", e.to_string()))?,
+                None => system_roots(),
+            };
+            if let (Some(user), Some(file)) = (&relay.user, &relay.password_file) {
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| err("routing.relay.passwordFile", format!("{file}: {e}")))?;
+                client.credentials = Some(Credentials::new(
+                    user.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_string(),
+                ));
+            }
+            Routing::Relay {
+                host: relay.host.clone(),
+                port: relay.port,
+            }
+        }
+        None => {
+            client.tls = spec.tls.into();
+            if spec.tls == OutboundTlsMode::Required {
+                client.roots = system_roots();
+            }
+            let mut nameservers = Vec::new();
+            for ns in &spec.resolver.nameservers {
+                nameservers.push(
+                    ns.parse::<SocketAddr>()
+                        .map_err(|e| err("resolver.nameservers", format!("{ns}: {e}")))?,
+                );
+            }
+            let config = ResolverConfig {
+                nameservers,
+                ip_version: spec.resolver.ip_version,
+                allow_private: spec.allow_private_destinations,
+                ..ResolverConfig::default()
+            };
+            let resolver = MxResolver::new(config).map_err(|e| err("resolver", e.to_string()))?;
+            Routing::Mx {
+                resolver: Box::new(resolver),
+                port: spec.mx_port,
+            }
+        }
+    };
+    Ok((routing, client))
 }
 
 /// The system's trust anchors, or none (then `Required` TLS fails to verify, visibly).

@@ -38,13 +38,23 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
             problems.push(e.to_string());
         }
     }
+    let policies = config.effective_policies();
+    for policy in &policies {
+        if let Err(e) = Worker::check(policy, &config.effective_hostname()) {
+            problems.push(e.to_string());
+        }
+    }
     if !problems.is_empty() {
         anyhow::bail!("{}", problems.join("\n"));
     }
     let origin = path
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "embedded default config".into());
-    println!("{origin}: ok ({} listener(s))", config.listeners.len());
+    println!(
+        "{origin}: ok ({} listener(s), {} delivery policy(ies))",
+        config.listeners.len(),
+        policies.len()
+    );
     Ok(())
 }
 
