@@ -58,6 +58,7 @@ fn default_config_loads_and_validates() {
     assert_eq!(smtp.plugins[0].access, Some(AccessPluginSpec::default()));
     assert_eq!(smtp.plugins[1].headers, Some(HeadersPluginSpec::default()));
     assert_eq!(config.queue, QueueSpec::default());
+    assert_eq!(config.policies, vec![DeliveryPolicySpec::default()]);
     assert_eq!(config.http, HttpSpec::default());
     assert_eq!(config.http.socket_addr(), "127.0.0.1:9325".parse().unwrap());
     assert_eq!(config.log, LogSpec::default());
