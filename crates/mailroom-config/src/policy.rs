@@ -39,6 +39,10 @@ pub struct DeliveryPolicySpec {
     pub allow_private_destinations: bool,
     /// Bounces (delivery status notifications).
     pub bounces: BounceSpec,
+    /// DKIM signing keys (RFC 6376). A message is signed by the entry whose `domain` is the
+    /// domain of its `From:` address or a parent of it (the most specific wins).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dkim: Vec<DkimSpec>,
     /// Keep this policy's mail queued without delivering it (maintenance, or a setup that
     /// only receives). No worker runs for it; `mailroom queue` still shows and changes it.
     pub hold: bool,
@@ -59,6 +63,7 @@ impl Default for DeliveryPolicySpec {
             timeouts: ClientTimeouts::default(),
             allow_private_destinations: false,
             bounces: BounceSpec::default(),
+            dkim: Vec::new(),
             hold: false,
         }
     }
@@ -242,4 +247,35 @@ pub struct BounceSpec {
     /// `From:` of the notifications. Default `MAILER-DAEMON@<hostname>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+}
+
+/// One DKIM signing key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimSpec {
+    /// The signing domain (`d=`).
+    pub domain: String,
+    /// The selector (`s=`): the public key is published at `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// PEM file of the private key: RSA (PKCS#1 or PKCS#8, at least 1024 bits; 2048 advised) or
+    /// Ed25519 (PKCS#8).
+    pub key_file: String,
+    /// `rsa-sha256` or `ed25519-sha256`. Default: from the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<DkimAlgorithm>,
+    /// Header fields to sign. Default: From, To, Cc, Subject, Date, Message-ID, Reply-To,
+    /// In-Reply-To, References, MIME-Version, Content-Type, Content-Transfer-Encoding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
+}
+
+/// DKIM signature algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum DkimAlgorithm {
+    /// RSA with SHA-256 (RFC 6376).
+    RsaSha256,
+    /// Ed25519 with SHA-256 (RFC 8463).
+    Ed25519Sha256,
 }

@@ -573,3 +573,20 @@ fn a_worker_file_needs_policies_not_listeners() {
     assert!(config.listeners.is_empty());
     assert_eq!(config.policies[0].name, "default");
 }
+
+#[test]
+fn dkim_keys_load_and_are_checked() {
+    let yaml = "policies:\n  - name: default\n    dkim:\n      - { domain: example.com, selector: s2026, keyFile: /k.pem, algorithm: ed25519-sha256 }\n      - { domain: \"bad domain\", selector: \"\", keyFile: \"\" }\n";
+    let found = problems(yaml);
+    assert_problem(&found, "policies[0].dkim[1].domain", "");
+    assert_problem(&found, "policies[0].dkim[1].selector", "letters");
+    assert_problem(&found, "policies[0].dkim[1].keyFile", "must not be empty");
+    assert!(!found.iter().any(|(p, _)| p.starts_with("policies[0].dkim[0]")), "{found:?}");
+    let ok = load_str(
+        "policies:\n  - name: default\n    dkim:\n      - { domain: example.com, selector: s1, keyFile: /k.pem }\n",
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(ok.policies[0].dkim[0].algorithm, None);
+    assert_eq!(ok.policies[0].dkim[0].selector, "s1");
+}

@@ -209,6 +209,24 @@ fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
             p.push(format!("{at}.timeouts.{field}"), "must be above 0s");
         }
     }
+    for (j, key) in d.dkim.iter().enumerate() {
+        p.check(
+            format!("{at}.dkim[{j}].domain"),
+            syntax::check_domain(&key.domain, false),
+        );
+        if key.selector.is_empty()
+            || !key
+                .selector
+                .split('.')
+                .all(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            p.push(
+                format!("{at}.dkim[{j}].selector"),
+                format!("{:?}: use letters, digits, '-' and dots", key.selector),
+            );
+        }
+        p.non_empty(format!("{at}.dkim[{j}].keyFile"), &key.key_file);
+    }
     if let Some(from) = &d.bounces.from
         && !from.contains('@')
     {
