@@ -112,6 +112,7 @@ pub async fn run_all<B: Backend, F: FnMut() -> B>(mut new_backend: F) {
     crashed_worker_is_redelivered(&mut new_backend()).await;
     extend_keeps_the_lease(&mut new_backend()).await;
     retry_now_and_bounce(&mut new_backend()).await;
+    postpone_keeps_the_state(&mut new_backend()).await;
     large_body_lease(&mut new_backend()).await;
     concurrent_workers_share_without_overlap(&mut new_backend(), 60).await;
 }
@@ -882,4 +883,46 @@ pub async fn concurrent_workers_share_without_overlap<B: Backend>(backend: &mut 
     assert_eq!(unique.len(), all.len(), "no entry handed to two workers");
     assert_eq!(unique, expected, "every entry handed out");
     assert_eq!(ok(queue.stats().await, "stats").messages, 0);
+}
+
+/// `postpone` hands the entry out again at its time without counting an attempt.
+pub async fn postpone_keeps_the_state<B: Backend>(backend: &mut B) {
+    let queue = backend.open().await;
+    ok(
+        queue.enqueue(message("a@x.org", &["1@a.example"])).await,
+        "enqueue",
+    );
+    let lease = lease_n(&queue, "default", 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("lease");
+    defer_all(&queue, lease, 0, "451 4.7.1 once", "defer").await;
+    let lease = lease_n(&queue, "default", 1, Duration::from_secs(5))
+        .await
+        .pop()
+        .expect("lease after defer");
+    assert_eq!(lease.state.attempts, 1);
+    let started = Instant::now();
+    ok(queue.postpone(lease, now_ms() + 1500).await, "postpone");
+    assert!(
+        lease_some(&queue, "default", 10, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "not before its time"
+    );
+    let back = lease_n(&queue, "default", 1, Duration::from_secs(10)).await;
+    assert_eq!(back.len(), 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(back[0].state.attempts, 1, "no attempt counted");
+    assert_eq!(
+        back[0].state.last_response.as_deref(),
+        Some("451 4.7.1 once")
+    );
+    for lease in back {
+        ok(queue.ack(lease).await, "ack");
+    }
 }

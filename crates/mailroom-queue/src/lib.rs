@@ -88,6 +88,12 @@ pub trait Queue: Send + Sync + 'static {
     /// expiry). Durable when it returns.
     async fn defer(&self, lease: Lease, retry: Retry) -> Result<(), QueueError>;
 
+    /// Ends a lease without an attempt, for a limit of ours rather than a failure (traffic
+    /// shaping): the entry is leasable again at `at_ms`; attempts and last response stay as
+    /// they were. Cheap, and not necessarily durable: after a restart the entry may be due at
+    /// once.
+    async fn postpone(&self, lease: Lease, at_ms: u64) -> Result<(), QueueError>;
+
     /// The delivery status of each entry of a message (empty if the queue does not hold it).
     async fn entries(&self, id: QueueId) -> Result<Vec<EntryStatus>, QueueError>;
 

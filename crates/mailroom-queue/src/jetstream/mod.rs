@@ -1214,6 +1214,10 @@ impl Queue for JetStreamQueue {
         Ok(self.inner.defer(lease, retry).await?)
     }
 
+    async fn postpone(&self, lease: Lease, at_ms: u64) -> Result<(), QueueError> {
+        Ok(self.inner.postpone(lease, at_ms).await?)
+    }
+
     async fn entries(&self, id: QueueId) -> Result<Vec<EntryStatus>, QueueError> {
         Ok(self.inner.entry_statuses(id).await?)
     }

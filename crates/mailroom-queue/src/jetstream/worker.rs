@@ -340,6 +340,19 @@ impl Inner {
         Ok(())
     }
 
+    /// Postpones without an attempt: a nak with delay. A throttling delay is short (seconds),
+    /// so the entry holding an ack-pending slot meanwhile is fine (see the module docs on why
+    /// deferrals use schedules instead).
+    pub(super) async fn postpone(&self, lease: Lease, at_ms: u64) -> Result<(), JetStreamError> {
+        let token = self.token(&lease)?;
+        let delay = Duration::from_millis(at_ms.saturating_sub(now_ms()));
+        token
+            .message
+            .double_ack_with(AckKind::Nak(Some(delay)))
+            .await
+            .map_err(|e| self.ack_err("postpone", &lease, e))
+    }
+
     pub(super) async fn defer(&self, lease: Lease, retry: Retry) -> Result<(), JetStreamError> {
         let resources = self.ready().await?;
         let token = self.token(&lease)?;

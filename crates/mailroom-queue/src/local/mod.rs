@@ -877,6 +877,17 @@ impl Queue for LocalQueue {
         Ok(())
     }
 
+    async fn postpone(&self, lease: Lease, at_ms: u64) -> Result<(), QueueError> {
+        let token = Self::token(&lease)?;
+        self.sender("postpone")?;
+        self.shared
+            .sched()
+            .postpone(&lease.key, token, at_ms)
+            .map_err(|e| self.lease_error(&lease.key, e))?;
+        self.shared.notify.notify_waiters();
+        Ok(())
+    }
+
     async fn entries(&self, id: QueueId) -> Result<Vec<EntryStatus>, QueueError> {
         Ok(self.shared.sched().entries(id))
     }

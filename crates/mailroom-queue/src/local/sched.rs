@@ -359,6 +359,33 @@ impl Sched {
         Ok(Persist::State(self.state_file(key.id)))
     }
 
+    /// Ends a lease without an attempt: the entry is due again at `at_ms`, its state unchanged
+    /// (in memory only: after a restart it is due at its previous time).
+    pub(crate) fn postpone(
+        &mut self,
+        key: &EntryKey,
+        token: Token,
+        at_ms: u64,
+    ) -> Result<(), LeaseError> {
+        let d = self.held_domain(key, token)?;
+        let old = d.held.take().ok_or(LeaseError::Lost)?;
+        let before = d.state.next_attempt_ms;
+        d.state.next_attempt_ms = at_ms.max(before);
+        let due_at = d.state.next_attempt_ms;
+        self.held
+            .remove(&(old.deadline, key.id, key.domain.clone()));
+        let policy = self
+            .messages
+            .get(&key.id)
+            .map(|m| m.policy.clone())
+            .unwrap_or_default();
+        self.due
+            .entry(policy)
+            .or_default()
+            .insert((due_at, key.id, key.domain.clone()));
+        Ok(())
+    }
+
     /// Changes every entry of `id` that `select` picks with `change` (entries not held are
     /// re-filed under their new due time). Returns the number changed and the new state file.
     fn change_all(
