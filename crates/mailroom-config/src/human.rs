@@ -316,9 +316,17 @@ impl FromStr for Rate {
             return Err(error());
         }
         let count: u64 = count.parse().map_err(|_| error().overflow())?;
-        // A bare unit means "one of that unit".
+        // A bare unit means "one of that unit"; the spelled-out units of mail operators'
+        // habits ("600/min", "200000/day") are accepted too.
         let per = if per.bytes().all(|b| b.is_ascii_alphabetic()) {
-            format!("1{per}")
+            let unit = match per.to_ascii_lowercase().as_str() {
+                "sec" | "second" => "s".to_owned(),
+                "min" | "minute" => "m".to_owned(),
+                "hr" | "hour" => "h".to_owned(),
+                "day" => "d".to_owned(),
+                other => other.to_owned(),
+            };
+            format!("1{unit}")
         } else {
             per.to_owned()
         };
@@ -566,6 +574,10 @@ mod tests {
             ("20/30s", Some((20, 30)), "20/30s"),
             ("10 / s", Some((10, 1)), "10/s"),
             ("1/1h", Some((1, 3_600)), "1/h"),
+            ("600/min", Some((600, 60)), "600/m"),
+            ("10000/hour", Some((10_000, 3_600)), "10000/h"),
+            ("200000/day", Some((200_000, 86_400)), "200000/d"),
+            ("3/sec", Some((3, 1)), "3/s"),
             ("10", None, ""),
             ("/s", None, ""),
             ("10/", None, ""),

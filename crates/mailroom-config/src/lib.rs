@@ -28,8 +28,8 @@ pub use listener::{AuthMechanism, AuthSpec, ListenerMode, ListenerSpec, TlsSpec}
 pub use load::{ConfigError, Problem, load_file, load_str, parse};
 pub use plugins::{AccessPluginSpec, HeadersPluginSpec, PluginSpec};
 pub use policy::{
-    BounceSpec, ClientTimeouts, DeliveryPolicySpec, DkimAlgorithm, DkimSpec, IpVersion,
-    OutboundTlsMode, RelaySpec, RelayTls, ResolverSpec, RetrySpec, RoutingSpec,
+    BounceSpec, ClientTimeouts, DeliveryPolicySpec, DestinationSpec, DkimAlgorithm, DkimSpec,
+    IpVersion, OutboundTlsMode, RelaySpec, RelayTls, ResolverSpec, RetrySpec, RoutingSpec,
 };
 pub use schema::json_schema;
 

@@ -5,7 +5,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::HumanDuration;
+use crate::{HumanDuration, Rate};
 
 /// One delivery policy. Messages name their policy when they are queued (the listener's
 /// `deliveryPolicy`, default `default`); the workers of a policy deliver only its messages.
@@ -39,6 +39,13 @@ pub struct DeliveryPolicySpec {
     pub allow_private_destinations: bool,
     /// Bounces (delivery status notifications).
     pub bounces: BounceSpec,
+    /// Traffic shaping per destination: limits that hold across all workers of the policy,
+    /// however many run. The first entry that matches a recipient domain (or one of its MX
+    /// hosts) applies; domains no entry matches get `defaultLimits`, each domain on its own.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<DestinationSpec>,
+    /// Limits of each destination domain that no `destinations` entry matches.
+    pub default_limits: ShapingLimits,
     /// DKIM signing keys (RFC 6376). A message is signed by the entry whose `domain` is the
     /// domain of its `From:` address or a parent of it (the most specific wins).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -63,6 +70,11 @@ impl Default for DeliveryPolicySpec {
             timeouts: ClientTimeouts::default(),
             allow_private_destinations: false,
             bounces: BounceSpec::default(),
+            destinations: Vec::new(),
+            default_limits: ShapingLimits {
+                max_connections: Some(20),
+                ..ShapingLimits::default()
+            },
             dkim: Vec::new(),
             hold: false,
         }
@@ -278,4 +290,40 @@ pub enum DkimAlgorithm {
     RsaSha256,
     /// Ed25519 with SHA-256 (RFC 8463).
     Ed25519Sha256,
+}
+
+/// A destination: the receiving systems that one set of limits applies to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationSpec {
+    /// Name in logs, metrics and status (letters, digits, `-`).
+    pub name: String,
+    /// Recipient domains (and their subdomains with a leading `*.`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    /// MX host name suffixes (`google.com` matches `aspmx.l.google.com`): domains hosted by
+    /// the same provider share its limits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mx_suffixes: Vec<String>,
+    /// The limits.
+    #[serde(flatten)]
+    pub limits: ShapingLimits,
+}
+
+/// Limits of one destination, across all workers of the policy. Absent: unlimited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct ShapingLimits {
+    /// Open connections at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Messages over one connection (overrides the policy's `maxMessagesPerConnection`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_messages_per_connection: Option<u32>,
+    /// Messages per time, e.g. `600/min`, `10000/h`, `200000/day`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// New connections per time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connection_rate: Option<Rate>,
 }

@@ -581,7 +581,12 @@ fn dkim_keys_load_and_are_checked() {
     assert_problem(&found, "policies[0].dkim[1].domain", "");
     assert_problem(&found, "policies[0].dkim[1].selector", "letters");
     assert_problem(&found, "policies[0].dkim[1].keyFile", "must not be empty");
-    assert!(!found.iter().any(|(p, _)| p.starts_with("policies[0].dkim[0]")), "{found:?}");
+    assert!(
+        !found
+            .iter()
+            .any(|(p, _)| p.starts_with("policies[0].dkim[0]")),
+        "{found:?}"
+    );
     let ok = load_str(
         "policies:\n  - name: default\n    dkim:\n      - { domain: example.com, selector: s1, keyFile: /k.pem }\n",
         "t.yaml",
@@ -589,4 +594,36 @@ fn dkim_keys_load_and_are_checked() {
     .unwrap();
     assert_eq!(ok.policies[0].dkim[0].algorithm, None);
     assert_eq!(ok.policies[0].dkim[0].selector, "s1");
+}
+
+#[test]
+fn destinations_shape_traffic_with_named_limits() {
+    let yaml = "policies:\n  - name: default\n    destinations:\n      - name: google\n        domains: [gmail.com, \"*.googlemail.com\"]\n        mxSuffixes: [google.com]\n        maxConnections: 2\n        rate: 120/min\n        connectionRate: 10/m\n    defaultLimits: { maxConnections: 5, maxMessagesPerConnection: 50 }\n";
+    let config = load_str(yaml, "t.yaml").unwrap();
+    let policy = &config.policies[0];
+    let google = &policy.destinations[0];
+    assert_eq!(google.name, "google");
+    assert_eq!(google.limits.max_connections, Some(2));
+    let rate = google.limits.rate.unwrap();
+    assert_eq!((rate.count(), rate.per().as_secs()), (120, 60));
+    assert_eq!(policy.default_limits.max_connections, Some(5));
+    assert_eq!(policy.default_limits.max_messages_per_connection, Some(50));
+    // Without defaultLimits: 20 connections per domain.
+    let plain = load_str("policies:\n  - name: default\n", "t.yaml").unwrap();
+    assert_eq!(plain.policies[0].default_limits.max_connections, Some(20));
+
+    let bad = "policies:\n  - name: default\n    destinations:\n      - name: x\n        maxConnections: 0\n        rate: 0/min\n      - name: x\n        domains: [\"not a domain\"]\n        bogus: 1\n";
+    let lines = error_lines(bad);
+    assert!(lines.iter().any(|l| l.contains("bogus")), "unknown fields are refused: {lines:?}");
+}
+
+#[test]
+fn destination_problems_name_their_fields() {
+    let bad = "policies:\n  - name: default\n    destinations:\n      - name: x\n        maxConnections: 0\n        rate: 0/min\n      - name: x\n        domains: [\"not a domain\"]\n";
+    let found = problems(bad);
+    assert_problem(&found, "policies[0].destinations[0]", "give domains");
+    assert_problem(&found, "policies[0].destinations[0].maxConnections", "out of range");
+    assert_problem(&found, "policies[0].destinations[0].rate", "above 0");
+    assert_problem(&found, "policies[0].destinations[1].name", "duplicate");
+    assert_problem(&found, "policies[0].destinations[1].domains[0]", "");
 }

@@ -209,6 +209,41 @@ fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
             p.push(format!("{at}.timeouts.{field}"), "must be above 0s");
         }
     }
+    let mut dest_names: HashMap<&str, usize> = HashMap::new();
+    for (j, dest) in d.destinations.iter().enumerate() {
+        let at_d = format!("{at}.destinations[{j}]");
+        p.check(
+            format!("{at_d}.name"),
+            syntax::check_listener_name(&dest.name),
+        );
+        if let Some(first) = dest_names.insert(&dest.name, j) {
+            dest_names.insert(&dest.name, first);
+            p.push(
+                format!("{at_d}.name"),
+                format!(
+                    "duplicate name {:?}: already used by destinations[{first}]",
+                    dest.name
+                ),
+            );
+        }
+        if dest.domains.is_empty() && dest.mx_suffixes.is_empty() {
+            p.push(at_d.clone(), "give domains, mxSuffixes or both");
+        }
+        for (k, domain) in dest.domains.iter().enumerate() {
+            p.check(
+                format!("{at_d}.domains[{k}]"),
+                syntax::check_domain(domain, true),
+            );
+        }
+        for (k, suffix) in dest.mx_suffixes.iter().enumerate() {
+            p.check(
+                format!("{at_d}.mxSuffixes[{k}]"),
+                syntax::check_domain(suffix, false),
+            );
+        }
+        check_shaping(&dest.limits, &at_d, p);
+    }
+    check_shaping(&d.default_limits, &format!("{at}.defaultLimits"), p);
     for (j, key) in d.dkim.iter().enumerate() {
         p.check(
             format!("{at}.dkim[{j}].domain"),
@@ -234,6 +269,29 @@ fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
             format!("{at}.bounces.from"),
             format!("{from:?} is not an address (local@domain)"),
         );
+    }
+}
+
+fn check_shaping(l: &crate::policy::ShapingLimits, at: &str, p: &mut Problems) {
+    if let Some(n) = l.max_connections {
+        p.range(format!("{at}.maxConnections"), n.into(), 1..=100_000);
+    }
+    if let Some(n) = l.max_messages_per_connection {
+        p.range(
+            format!("{at}.maxMessagesPerConnection"),
+            n.into(),
+            1..=100_000,
+        );
+    }
+    for (field, rate) in [("rate", &l.rate), ("connectionRate", &l.connection_rate)] {
+        if let Some(rate) = rate
+            && (rate.count() == 0 || rate.per().is_zero())
+        {
+            p.push(
+                format!("{at}.{field}"),
+                format!("{rate}: use a count above 0"),
+            );
+        }
     }
 }
 
