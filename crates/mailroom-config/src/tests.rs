@@ -614,7 +614,10 @@ fn destinations_shape_traffic_with_named_limits() {
 
     let bad = "policies:\n  - name: default\n    destinations:\n      - name: x\n        maxConnections: 0\n        rate: 0/min\n      - name: x\n        domains: [\"not a domain\"]\n        bogus: 1\n";
     let lines = error_lines(bad);
-    assert!(lines.iter().any(|l| l.contains("bogus")), "unknown fields are refused: {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("bogus")),
+        "unknown fields are refused: {lines:?}"
+    );
 }
 
 #[test]
@@ -622,7 +625,11 @@ fn destination_problems_name_their_fields() {
     let bad = "policies:\n  - name: default\n    destinations:\n      - name: x\n        maxConnections: 0\n        rate: 0/min\n      - name: x\n        domains: [\"not a domain\"]\n";
     let found = problems(bad);
     assert_problem(&found, "policies[0].destinations[0]", "give domains");
-    assert_problem(&found, "policies[0].destinations[0].maxConnections", "out of range");
+    assert_problem(
+        &found,
+        "policies[0].destinations[0].maxConnections",
+        "out of range",
+    );
     assert_problem(&found, "policies[0].destinations[0].rate", "above 0");
     assert_problem(&found, "policies[0].destinations[1].name", "duplicate");
     assert_problem(&found, "policies[0].destinations[1].domains[0]", "");
