@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, idempotently: fast when everything is already there.
-# Debian packages: swaks (SMTP client), postfix (for smtp-source / smtp-sink), openssl.
+# Debian packages: swaks (SMTP client), postfix (for smtp-source / smtp-sink), openssl,
+# dnsmasq-base (a DNS server on loopback for the outbound delivery tests).
 # PyPI: pytest, bcrypt (tests/python/requirements.txt). crates.io: cargo-fuzz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,7 @@ missing=()
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

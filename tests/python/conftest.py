@@ -597,3 +597,139 @@ def module_factory(tmp_path_factory, tls_files, users_file):
 def mailroom(mailroom_factory) -> MailroomServer:
     """A running server with one mx listener "smtp" for example.test (defaults otherwise)."""
     return mailroom_factory.make()
+
+
+# ---------------------------------------------------------------------------------------------
+# A real DNS server on loopback (dnsmasq) for the outbound delivery tests
+
+
+def dns_query(port: int, name: str, qtype: int, host: str = "127.0.0.1", timeout: float = 1.0) -> tuple[int, int]:
+    """One DNS question over UDP: (RCODE, number of answer records). qtype: 1 A, 15 MX, 28 AAAA."""
+    import random
+    import struct
+
+    tid = random.randint(0, 0xFFFF)
+    qname = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    packet = struct.pack(">HHHHHH", tid, 0x0100, 1, 0, 0, 0) + qname + struct.pack(">HH", qtype, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(packet, (host, port))
+        while True:
+            data, _ = s.recvfrom(65535)
+            rid, flags, _qd, an = struct.unpack(">HHHH", data[:8])
+            if rid == tid:
+                return flags & 0xF, an
+
+
+class Dnsmasq:
+    """A dnsmasq process answering, on 127.0.0.1:<free port>, only for the records it is given
+    (no upstream, no /etc/hosts; names under `local` domains that it does not know are NXDOMAIN).
+
+    mx: {domain: [(preference, host), ...]}; hosts: {name: "ip" or ["ip", ...]} (A/AAAA);
+    null_mx: [domain, ...] (RFC 7505 `MX 0 .`, written as a raw record since --mx-host cannot)."""
+
+    def __init__(self, workdir: Path, mx: dict | None = None, hosts: dict | None = None,
+                 null_mx: list | None = None, local: tuple = ("test",)):
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log = self.dir / "dnsmasq.log"
+        self.stderr_path = self.dir / "dnsmasq.stderr"
+        self.mx = mx or {}
+        self.hosts = hosts or {}
+        self.null_mx = null_mx or []
+        self.local = local
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @staticmethod
+    def binary() -> str:
+        found = shutil.which("dnsmasq") or next(
+            (p for p in ("/usr/sbin/dnsmasq", "/sbin/dnsmasq") if os.access(p, os.X_OK)), None)
+        if not found:
+            pytest.fail("dnsmasq not installed (Debian package dnsmasq-base): run scripts/test-deps.sh")
+        return found
+
+    @property
+    def nameserver(self) -> str:
+        """The `resolver.nameservers` entry of a delivery policy."""
+        return f"127.0.0.1:{self.port}"
+
+    def args(self) -> list[str]:
+        a = [self.binary(), "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-poll",
+             "--no-hosts", f"--port={self.port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+             "--pid-file=", f"--log-facility={self.log}", "--log-queries"]
+        if os.geteuid() == 0:
+            a.append("--user=root")  # otherwise it drops to `nobody`, who cannot write the log
+        a += [f"--local=/{d}/" for d in self.local]
+        for domain, records in self.mx.items():
+            a += [f"--mx-host={domain},{host},{pref}" for pref, host in records]
+        for name, addrs in self.hosts.items():
+            for ip in [addrs] if isinstance(addrs, str) else addrs:
+                a.append(f"--host-record={name},{ip}")
+        # MX RDATA: preference 0 (00 00), exchange the root name (00).
+        a += [f"--dns-rr={domain},15,000000" for domain in self.null_mx]
+        return a
+
+    def start(self, timeout: float = 10.0):
+        for _ in range(3):
+            self.port = free_port()
+            with open(self.stderr_path, "ab") as err:
+                self.proc = subprocess.Popen(self.args(), stdin=subprocess.DEVNULL, stdout=err, stderr=err,
+                                             cwd=self.dir, start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    dns_query(self.port, "ready.invalid", 1, timeout=0.2)
+                    break
+                except OSError:  # timeout or ICMP port unreachable: not listening yet
+                    time.sleep(0.05)
+            if self.proc.poll() is None and time.monotonic() < deadline:
+                self._check_records()
+                return self
+            out = self.stderr_path.read_text(errors="replace")
+            self.stop()
+            if "in use" not in out.lower():
+                pytest.fail(f"dnsmasq did not start: {' '.join(self.args())}\n{out[-3000:]}")
+        pytest.fail("dnsmasq: no free port after 3 attempts")
+
+    def _check_records(self):
+        """The server answers what it was given (a typo in a flag must not look like a worker bug)."""
+        for domain, records in self.mx.items():
+            assert dns_query(self.port, domain, 15) == (0, len(records)), f"dnsmasq MX {domain}"
+        for domain in self.null_mx:
+            assert dns_query(self.port, domain, 15) == (0, 1), f"dnsmasq null MX {domain}"
+        for name in self.hosts:
+            rcode, an = dns_query(self.port, name, 1)
+            assert rcode == 0, f"dnsmasq A {name}: rcode {rcode}"
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=STOP_TIMEOUT)
+        self.proc = None
+
+
+@pytest.fixture
+def dnsmasq(tmp_path):
+    """Starts DNS servers: `dnsmasq(mx={...}, hosts={...}, null_mx=[...])` returns a running
+    Dnsmasq (see there); all are stopped by PID at teardown."""
+    started: list[Dnsmasq] = []
+
+    def start(**zone) -> Dnsmasq:
+        d = Dnsmasq(tmp_path / f"dns{len(started)}", **zone)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        d.stop()

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{
-    ClientConfig, ClientError, Connection, Credentials, SendOutcome, Target, TlsPolicy, TlsRoots,
-    Transaction,
+    ClientConfig, ClientError, Connection, Credentials, SendOutcome, Stage, Target, TlsPolicy,
+    TlsRoots, Transaction,
 };
 use crate::dsn::{self, Action, DsnInput, RecipientReport};
 use crate::metrics;
@@ -441,8 +441,20 @@ impl Inner {
         let mut last: Option<ClientError> = None;
         for target in targets {
             let key = format!("{}:{}", target.host, target.addr.port());
-            let sent = match self.pool.take(&key, self.spec.timeouts.idle.as_duration()) {
-                Some(conn) => self.send(lease, conn, key).await,
+            let pooled = self.pool.take(&key, self.spec.timeouts.idle.as_duration());
+            let sent = match pooled {
+                Some(conn) => match self.send(lease, conn, key.clone()).await {
+                    // The server closed the idle connection meanwhile (its own idle timeout,
+                    // often with a 421): nothing was sent; go again on a fresh connection.
+                    Err(e) if closed_before_mail(&e) => {
+                        tracing::debug!(host = %target.host, error = %e, "pooled connection was closed by the server; reconnecting");
+                        match self.connect(&target).await {
+                            Ok(conn) => self.send(lease, conn, key).await,
+                            Err(e) => Err(e),
+                        }
+                    }
+                    other => other,
+                },
                 None => match self.connect(&target).await {
                     Ok(conn) => self.send(lease, conn, key).await,
                     Err(e) => Err(e),
@@ -680,7 +692,7 @@ impl Inner {
                 helo: None,
                 auth_user: None,
                 policy: self.spec.name.clone(),
-                message_id: None,
+                message_id: header_value(&report.message, "Message-ID"),
             },
             body: report.message.into(),
         };
@@ -729,6 +741,17 @@ impl Inner {
     }
 }
 
+/// True when a reused connection turned out closed at the first command of the transaction.
+fn closed_before_mail(e: &ClientError) -> bool {
+    match e {
+        ClientError::Closed { stage, .. } | ClientError::Io { stage, .. } => *stage == Stage::Mail,
+        ClientError::UnexpectedReply { stage, reply, .. } => {
+            *stage == Stage::Mail && reply.code == 421
+        }
+        _ => false,
+    }
+}
+
 /// The outcome of a transaction-level client error for every recipient.
 fn classify(e: &ClientError) -> RecipientOutcome {
     if e.is_permanent() {
@@ -742,6 +765,18 @@ fn classify(e: &ClientError) -> RecipientOutcome {
             response: e.to_string(),
         }
     }
+}
+
+/// The value of the first header field `name` of a message (unfolded lines only).
+fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(message);
+    let head = text.split("\r\n\r\n").next()?;
+    head.split("\r\n").find_map(|line| {
+        let (field, value) = line.split_once(':')?;
+        field
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_string())
+    })
 }
 
 /// `"5.1.10"` -> `(5, 1, 10)`.
