@@ -269,8 +269,8 @@ pub struct DkimSpec {
     pub domain: String,
     /// The selector (`s=`): the public key is published at `<selector>._domainkey.<domain>`.
     pub selector: String,
-    /// PEM file of the private key: RSA (PKCS#1 or PKCS#8, at least 1024 bits; 2048 advised) or
-    /// Ed25519 (PKCS#8).
+    /// PEM file of the private key (unencrypted): RSA of 2048 to 4096 bits (PKCS#1 or PKCS#8)
+    /// or Ed25519 (PKCS#8).
     pub key_file: String,
     /// `rsa-sha256` or `ed25519-sha256`. Default: from the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
