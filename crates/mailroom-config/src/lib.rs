@@ -30,6 +30,7 @@ pub use plugins::{AccessPluginSpec, HeadersPluginSpec, PluginSpec};
 pub use policy::{
     BounceSpec, ClientTimeouts, DeliveryPolicySpec, DestinationSpec, DkimAlgorithm, DkimSpec,
     IpVersion, OutboundTlsMode, RelaySpec, RelayTls, ResolverSpec, RetrySpec, RoutingSpec,
+    ShapingLimits,
 };
 pub use schema::json_schema;
 

@@ -11,14 +11,19 @@
 //! - [`mx`]: MX resolution with hickory-resolver (preference order, shuffle, implicit MX, null
 //!   MX, address families, address filtering).
 //! - [`dsn`]: delivery status notifications (RFC 3464 multipart/report).
+//! - [`dkim`]: DKIM signing (RSA-SHA256, Ed25519-SHA256) by the domain of `From:`.
+//! - [`shaping`]: per-destination limits held across all workers (connections, rates).
 //! - [`outcome`]: per-recipient outcomes and what they mean for the lease.
 //! - [`worker`]: the loop that leases, delivers, logs, bounces and acks or defers.
 
 pub mod client;
+pub mod dkim;
 pub mod dsn;
 mod metrics;
 pub mod mx;
 pub mod outcome;
+mod pool;
+pub mod shaping;
 pub mod worker;
 
 pub use worker::{Worker, WorkerDeps, WorkerError};

@@ -15,9 +15,8 @@
 //! by host name and port, for up to `maxMessagesPerConnection` messages; pooled connections
 //! idle longer than `timeouts.idle` are closed.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailroom_config::{DeliveryPolicySpec, OutboundTlsMode};
@@ -35,10 +34,13 @@ use crate::client::{
     ClientConfig, ClientError, Connection, Credentials, SendOutcome, Stage, Target, TlsPolicy,
     TlsRoots, Transaction,
 };
+use crate::dkim::DkimSigner;
 use crate::dsn::{self, Action, DsnInput, RecipientReport};
 use crate::metrics;
 use crate::mx::{MxResolver, ResolverConfig};
 use crate::outcome::{Disposition, RecipientOutcome, all, decide};
+use crate::pool::{Conn, Pool};
+use crate::shaping::{Destination, SLOT_TTL, ShapingStore};
 
 /// Most entries asked for in one lease call.
 const LEASE_BATCH: usize = 64;
@@ -60,6 +62,9 @@ pub struct WorkerDeps {
     pub hostname: String,
     /// The queue's lease time; the worker extends running deliveries every third of it.
     pub lease_time: Duration,
+    /// Where traffic-shaping state lives: [`crate::shaping::MemoryStore`] for one process,
+    /// [`crate::shaping::KvStore`] for a cluster.
+    pub shaping: Arc<dyn ShapingStore>,
 }
 
 /// A policy that cannot run, with the field to fix.
@@ -86,62 +91,6 @@ enum Routing {
     },
 }
 
-/// Pooled idle connections by `host:port`.
-#[derive(Default)]
-struct Pool {
-    idle: Mutex<HashMap<String, Vec<(Connection, Instant)>>>,
-}
-
-impl Pool {
-    fn take(&self, key: &str, max_idle: Duration) -> Option<Connection> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(key)?;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() < max_idle && conn.is_usable() {
-                return Some(conn);
-            }
-            close(conn);
-        }
-        None
-    }
-
-    fn put(&self, key: String, conn: Connection) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .push((conn, Instant::now()));
-    }
-
-    /// Closes connections idle for `max_idle` or longer (all of them when zero).
-    fn reap(&self, max_idle: Duration) {
-        let mut stale = Vec::new();
-        {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            for list in idle.values_mut() {
-                let (old, fresh): (Vec<_>, Vec<_>) = std::mem::take(list)
-                    .into_iter()
-                    .partition(|(_, since)| max_idle.is_zero() || since.elapsed() >= max_idle);
-                *list = fresh;
-                stale.extend(old.into_iter().map(|(c, _)| c));
-            }
-            idle.retain(|_, list| !list.is_empty());
-        }
-        for conn in stale {
-            close(conn);
-        }
-    }
-}
-
-/// Says QUIT in the background.
-fn close(conn: Connection) {
-    metrics::CONNECTIONS_OPEN.dec();
-    tokio::spawn(async move {
-        let _ = conn.quit().await;
-    });
-}
-
 /// The delivery worker of one policy.
 pub struct Worker {
     inner: Arc<Inner>,
@@ -153,6 +102,16 @@ struct Inner {
     routing: Routing,
     client: ClientConfig,
     pool: Pool,
+    dkim: DkimSigner,
+}
+
+/// What an attempt came to.
+enum Step {
+    /// Tried: outcomes per recipient.
+    Tried(Attempt),
+    /// A limit of the destination held it back: leasable again at this time (Unix ms), no
+    /// attempt counted.
+    Postpone(u64),
 }
 
 /// Where one attempt ended up, for the delivery log and DSNs.
@@ -177,14 +136,16 @@ impl Worker {
     /// Prepares the worker of `spec`: the resolver (MX) or the relay settings, TLS roots,
     /// relay credentials. Errors name the policy field to fix.
     pub fn new(spec: &DeliveryPolicySpec, deps: WorkerDeps) -> Result<Worker, WorkerError> {
-        let (routing, client) = prepare(spec, &deps.hostname)?;
+        let (routing, client, dkim) = prepare(spec, &deps.hostname)?;
+        let pool = Pool::new(Arc::clone(&deps.shaping));
         Ok(Worker {
             inner: Arc::new(Inner {
                 spec: spec.clone(),
                 deps,
                 routing,
                 client,
-                pool: Pool::default(),
+                pool,
+                dkim,
             }),
         })
     }
@@ -212,10 +173,17 @@ impl Worker {
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut refreshed = Instant::now();
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = tick.tick() => inner.pool.reap(idle),
+                        _ = tick.tick() => {
+                            inner.pool.reap(idle);
+                            if refreshed.elapsed() >= SLOT_TTL / 3 {
+                                inner.pool.refresh().await;
+                                refreshed = Instant::now();
+                            }
+                        }
                     }
                 }
             })
@@ -272,7 +240,7 @@ impl Worker {
 fn prepare(
     spec: &DeliveryPolicySpec,
     hostname: &str,
-) -> Result<(Routing, ClientConfig), WorkerError> {
+) -> Result<(Routing, ClientConfig, DkimSigner), WorkerError> {
     let err = |field: &'static str, reason: String| WorkerError {
         policy: spec.name.clone(),
         field,
@@ -331,7 +299,12 @@ fn prepare(
             }
         }
     };
-    Ok((routing, client))
+    let dkim = DkimSigner::new(&spec.name, &spec.dkim).map_err(|e| WorkerError {
+        policy: spec.name.clone(),
+        field: "dkim",
+        reason: e.to_string(),
+    })?;
+    Ok((routing, client, dkim))
 }
 
 /// The system's trust anchors, or none (then `Required` TLS fails to verify, visibly).
@@ -366,23 +339,32 @@ impl Inner {
             .with_label_values(&[&self.spec.name])
             .observe(started.elapsed().as_secs_f64());
         let key = lease.key.clone();
-        if let Err(e) = self.finish(lease, attempt).await {
+        let finished = match attempt {
+            Step::Tried(attempt) => self.finish(lease, attempt).await,
+            Step::Postpone(at_ms) => {
+                metrics::RECIPIENTS
+                    .with_label_values(&[self.spec.name.as_str(), "throttled"])
+                    .inc_by(lease.message.envelope.recipients.len() as u64);
+                self.deps.queue.postpone(lease, at_ms).await
+            }
+        };
+        if let Err(e) = finished {
             // Not acked: the queue hands the entry out again after the lease time.
             tracing::error!(entry = %key, error = %e, "could not record the outcome; the entry will be delivered again");
         }
     }
 
     /// Tries to deliver the lease's recipients.
-    async fn attempt(&self, lease: &Lease) -> Attempt {
+    async fn attempt(&self, lease: &Lease) -> Step {
         let recipients = &lease.message.envelope.recipients;
         if let Some(reason) = &lease.state.bounce_requested {
-            return Attempt::everyone(
+            return Step::Tried(Attempt::everyone(
                 recipients,
                 RecipientOutcome::Permanent {
                     response: format!("returned to the sender by the postmaster: {reason}"),
                     status: (5, 0, 0),
                 },
-            );
+            ));
         }
         if lease.expired {
             let last = lease
@@ -390,53 +372,79 @@ impl Inner {
                 .last_response
                 .clone()
                 .unwrap_or_else(|| "no delivery attempt succeeded".into());
-            return Attempt::everyone(recipients, RecipientOutcome::Transient { response: last });
+            return Step::Tried(Attempt::everyone(
+                recipients,
+                RecipientOutcome::Transient { response: last },
+            ));
         }
         match &self.routing {
             Routing::Relay { host, port } => {
                 let addrs = match tokio::net::lookup_host((host.as_str(), *port)).await {
                     Ok(addrs) => addrs.collect::<Vec<_>>(),
                     Err(e) => {
-                        return Attempt::everyone(
+                        return Step::Tried(Attempt::everyone(
                             recipients,
                             RecipientOutcome::Transient {
                                 response: format!("relay {host}:{port}: cannot resolve: {e}"),
                             },
-                        );
+                        ));
                     }
                 };
                 let targets = addrs
                     .into_iter()
                     .map(|a| Target::new(a.ip(), a.port(), host.clone()));
-                self.deliver_via(lease, targets.collect()).await
+                let dest = Destination::of(&self.spec, &lease.key.domain, &[]);
+                self.shaped(lease, targets.collect(), &dest).await
             }
             Routing::Mx { resolver, port } => match resolver.resolve(&lease.key.domain).await {
                 Ok(route) => {
+                    let hosts: Vec<&str> = route.hosts.iter().map(|h| h.name.as_str()).collect();
+                    let dest = Destination::of(&self.spec, &lease.key.domain, &hosts);
                     let targets = route
                         .addresses()
                         .map(|(host, ip)| Target::new(ip, *port, host.name.clone()))
                         .collect();
-                    self.deliver_via(lease, targets).await
+                    self.shaped(lease, targets, &dest).await
                 }
-                Err(e) if e.is_permanent() => Attempt::everyone(
+                Err(e) if e.is_permanent() => Step::Tried(Attempt::everyone(
                     recipients,
                     RecipientOutcome::Permanent {
                         response: e.to_string(),
                         status: parse_status(e.enhanced_status()).unwrap_or((5, 4, 4)),
                     },
-                ),
-                Err(e) => Attempt::everyone(
+                )),
+                Err(e) => Step::Tried(Attempt::everyone(
                     recipients,
                     RecipientOutcome::Transient {
                         response: e.to_string(),
                     },
-                ),
+                )),
             },
         }
     }
 
+    /// Applies the destination's message rate, then delivers.
+    async fn shaped(&self, lease: &Lease, targets: Vec<Target>, dest: &Destination) -> Step {
+        if let Some(rate) = &dest.limits.rate {
+            match self
+                .pool
+                .shaper()
+                .take(&format!("msg:{}", dest.key), rate)
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(wait)) => return Step::Postpone(later(wait)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "rate check failed; trying again shortly");
+                    return Step::Postpone(later(Duration::from_secs(1)));
+                }
+            }
+        }
+        self.deliver_via(lease, targets, dest).await
+    }
+
     /// Tries `targets` in order until one takes the transaction.
-    async fn deliver_via(&self, lease: &Lease, targets: Vec<Target>) -> Attempt {
+    async fn deliver_via(&self, lease: &Lease, targets: Vec<Target>, dest: &Destination) -> Step {
         let recipients = &lease.message.envelope.recipients;
         let mut last: Option<ClientError> = None;
         for target in targets {
@@ -448,16 +456,18 @@ impl Inner {
                     // often with a 421): nothing was sent; go again on a fresh connection.
                     Err(e) if closed_before_mail(&e) => {
                         tracing::debug!(host = %target.host, error = %e, "pooled connection was closed by the server; reconnecting");
-                        match self.connect(&target).await {
-                            Ok(conn) => self.send(lease, conn, key).await,
-                            Err(e) => Err(e),
+                        match self.open(&target, dest).await {
+                            Ok(Ok(conn)) => self.send(lease, conn, key).await,
+                            Ok(Err(e)) => Err(e),
+                            Err(at) => return Step::Postpone(at),
                         }
                     }
                     other => other,
                 },
-                None => match self.connect(&target).await {
-                    Ok(conn) => self.send(lease, conn, key).await,
-                    Err(e) => Err(e),
+                None => match self.open(&target, dest).await {
+                    Ok(Ok(conn)) => self.send(lease, conn, key).await,
+                    Ok(Err(e)) => Err(e),
+                    Err(at) => return Step::Postpone(at),
                 },
             };
             match sent {
@@ -467,11 +477,11 @@ impl Inner {
                     continue;
                 }
                 Err(e) => {
-                    return Attempt {
+                    return Step::Tried(Attempt {
                         host: Some(target.host.clone()),
                         addr: Some(target.addr),
                         ..Attempt::everyone(recipients, classify(&e))
-                    };
+                    });
                 }
                 Ok((outcome, tls)) => {
                     let outcomes = recipients
@@ -485,12 +495,12 @@ impl Inner {
                             )
                         }))
                         .collect();
-                    return Attempt {
+                    return Step::Tried(Attempt {
                         outcomes,
                         host: Some(target.host.clone()),
                         addr: Some(target.addr),
                         tls,
-                    };
+                    });
                 }
             }
         }
@@ -498,7 +508,66 @@ impl Inner {
             || format!("{}: no host to deliver to", lease.key.domain),
             |e| e.to_string(),
         );
-        Attempt::everyone(recipients, RecipientOutcome::Transient { response })
+        Step::Tried(Attempt::everyone(
+            recipients,
+            RecipientOutcome::Transient { response },
+        ))
+    }
+
+    /// Opens a connection to `target` within the destination's limits: a connection slot
+    /// (`maxConnections`) and the connection rate. `Err(at)`: a limit says not now (postpone
+    /// to `at`, Unix ms); `Ok(Err(_))`: the connection failed.
+    async fn open(
+        &self,
+        target: &Target,
+        dest: &Destination,
+    ) -> Result<Result<Conn, ClientError>, u64> {
+        let shaper = self.pool.shaper();
+        let slot = match dest.limits.max_connections {
+            None => None,
+            Some(max) => match self.pool.acquire(&dest.key, max).await {
+                Ok(Some(hold)) => Some(hold),
+                // All slots busy: come back soon (with jitter, so that waiting entries spread).
+                Ok(None) => return Err(later(jitter(Duration::from_millis(500)))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "connection slot unavailable; trying again shortly");
+                    return Err(later(Duration::from_secs(1)));
+                }
+            },
+        };
+        if let Some(rate) = &dest.limits.connection_rate {
+            let wait = match shaper.take(&format!("conn:{}", dest.key), rate).await {
+                Ok(Ok(())) => None,
+                Ok(Err(wait)) => Some(wait),
+                Err(e) => {
+                    tracing::warn!(error = %e, "connection rate check failed; trying again shortly");
+                    Some(Duration::from_secs(1))
+                }
+            };
+            if let Some(wait) = wait {
+                if let Some(hold) = slot {
+                    self.pool.release(hold);
+                }
+                return Err(later(wait));
+            }
+        }
+        let max_messages = dest
+            .limits
+            .max_messages_per_connection
+            .unwrap_or(self.spec.max_messages_per_connection);
+        match self.connect(target).await {
+            Ok(conn) => Ok(Ok(Conn {
+                conn,
+                slot,
+                max_messages,
+            })),
+            Err(e) => {
+                if let Some(hold) = slot {
+                    self.pool.release(hold);
+                }
+                Ok(Err(e))
+            }
+        }
     }
 
     /// Connects; under opportunistic TLS a failed handshake is retried once in plaintext (as
@@ -523,24 +592,47 @@ impl Inner {
     async fn send(
         &self,
         lease: &Lease,
-        mut conn: Connection,
+        mut conn: Conn,
         key: String,
     ) -> Result<(SendOutcome, Option<String>), ClientError> {
         let tx = Transaction::from_envelope(&lease.message.envelope);
-        let result = conn.send(&tx, &lease.message.body).await;
+        let result = match self.signed(lease) {
+            Some(signed) => conn.conn.send(&tx, &signed).await,
+            None => conn.conn.send(&tx, &lease.message.body).await,
+        };
         let tls = conn
+            .conn
             .tls_info()
             .map(|t| format!("{} {}", t.protocol, t.cipher_suite));
-        if conn.is_usable() && conn.messages_sent() < self.spec.max_messages_per_connection {
-            if conn.reset().await.is_ok() {
-                self.pool.put(key, conn);
-            } else {
-                metrics::CONNECTIONS_OPEN.dec();
-            }
+        if conn.conn.is_usable()
+            && conn.conn.messages_sent() < conn.max_messages
+            && conn.conn.reset().await.is_ok()
+        {
+            self.pool.put(key, conn);
         } else {
-            close(conn);
+            self.pool.close(conn);
         }
         result.map(|o| (o, tls))
+    }
+
+    /// The message with its DKIM signature prepended, when a key applies.
+    fn signed(&self, lease: &Lease) -> Option<Vec<u8>> {
+        if !self.dkim.signs() {
+            return None;
+        }
+        match self.dkim.sign(&lease.message.body) {
+            Ok(Some(header)) => {
+                let mut out = Vec::with_capacity(header.len() + lease.message.body.len());
+                out.extend_from_slice(&header);
+                out.extend_from_slice(&lease.message.body);
+                Some(out)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(entry = %lease.key, error = %e, "DKIM signing failed; sending unsigned");
+                None
+            }
+        }
     }
 
     /// Logs, bounces, and acks or defers.
@@ -765,6 +857,17 @@ fn classify(e: &ClientError) -> RecipientOutcome {
             response: e.to_string(),
         }
     }
+}
+
+/// Unix ms `wait` from now.
+fn later(wait: Duration) -> u64 {
+    now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `base` plus up to as much again, at random.
+fn jitter(base: Duration) -> Duration {
+    use rand::Rng;
+    base + base.mul_f64(rand::rng().random_range(0.0..1.0))
 }
 
 /// The value of the first header field `name` of a message (unfolded lines only).

@@ -129,6 +129,7 @@ impl Sender {
             delivery_log: DeliveryLog::open(Some(log)).expect("delivery log"),
             hostname: "sender.test".into(),
             lease_time: LEASE,
+            shaping: Arc::new(mailroom_outbound::shaping::MemoryStore::default()),
         };
         let worker = Worker::new(policy, deps).expect("worker");
         let stop = CancellationToken::new();
@@ -159,6 +160,28 @@ impl Sender {
         self.stop.cancel();
         let _ = self.task.await;
     }
+}
+
+/// A nats-server of the test kit (fails the test saying how to get the binary).
+fn nats() -> mailroom_testkit::NatsServer {
+    mailroom_testkit::NatsServer::start()
+        .unwrap_or_else(|e| panic!("needs a nats-server (run e2e/tools/build.sh): {e}"))
+}
+
+/// A JetStream queue handle (its own connection) with the test lease time.
+async fn js_queue(
+    nats: &mailroom_testkit::NatsServer,
+) -> Arc<mailroom_queue::jetstream::JetStreamQueue> {
+    use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
+    Arc::new(
+        JetStreamQueue::connect(JetStreamOptions {
+            urls: vec![nats.url()],
+            lease_time: LEASE,
+            ..JetStreamOptions::default()
+        })
+        .await
+        .expect("jetstream queue"),
+    )
 }
 
 fn policy(dns: &DnsServer, port: u16) -> DeliveryPolicySpec {
@@ -423,18 +446,8 @@ async fn a_worker_that_dies_mid_delivery_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_from_the_jetstream_queue() {
-    use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
-    let nats = mailroom_testkit::NatsServer::start()
-        .unwrap_or_else(|e| panic!("needs a nats-server (run e2e/tools/build.sh): {e}"));
-    let queue: Arc<dyn Queue> = Arc::new(
-        JetStreamQueue::connect(JetStreamOptions {
-            urls: vec![nats.url()],
-            lease_time: LEASE,
-            ..JetStreamOptions::default()
-        })
-        .await
-        .expect("jetstream queue"),
-    );
+    let nats = nats();
+    let queue: Arc<dyn Queue> = js_queue(&nats).await;
     let port = free_port();
     let zone = Zone::new()
         .mx("one.test", 10, "mx.one.test")
@@ -451,6 +464,7 @@ async fn delivers_from_the_jetstream_queue() {
         delivery_log: DeliveryLog::discard(),
         hostname: "sender.test".into(),
         lease_time: LEASE,
+        shaping: Arc::new(mailroom_outbound::shaping::MemoryStore::default()),
     };
     let worker = Worker::new(&policy(&dns, port), deps).expect("worker");
     let stop = CancellationToken::new();
@@ -477,4 +491,263 @@ async fn delivers_from_the_jetstream_queue() {
     );
     stop.cancel();
     let _ = task.await;
+}
+
+/// An SMTP receiver that records how many connections it has open at once and when each
+/// message arrives. Answers 250 to everything (354 to DATA).
+struct Recorder {
+    peak: Arc<std::sync::atomic::AtomicUsize>,
+    arrivals: Arc<std::sync::Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    async fn start(addr: SocketAddr) -> Recorder {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("bind recorder");
+        let peak = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = {
+            let (peak, arrivals) = (Arc::clone(&peak), Arc::clone(&arrivals));
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now_open, Ordering::SeqCst);
+                    let (open, arrivals) = (Arc::clone(&open), Arc::clone(&arrivals));
+                    tokio::spawn(async move {
+                        let (read, mut write) = stream.into_split();
+                        let mut lines = BufReader::new(read).lines();
+                        let _ = write.write_all(b"220 recorder ESMTP\r\n").await;
+                        let mut in_data = false;
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            let reply: &[u8] = if in_data {
+                                if line != "." {
+                                    continue;
+                                }
+                                in_data = false;
+                                if let Ok(mut a) = arrivals.lock() {
+                                    a.push(Instant::now());
+                                }
+                                b"250 2.0.0 ok\r\n"
+                            } else if line.to_ascii_uppercase().starts_with("EHLO") {
+                                b"250-recorder\r\n250 PIPELINING\r\n"
+                            } else if line.eq_ignore_ascii_case("DATA") {
+                                in_data = true;
+                                b"354 go on\r\n"
+                            } else if line.eq_ignore_ascii_case("QUIT") {
+                                let _ = write.write_all(b"221 2.0.0 bye\r\n").await;
+                                break;
+                            } else {
+                                b"250 2.0.0 ok\r\n"
+                            };
+                            if write.write_all(reply).await.is_err() {
+                                break;
+                            }
+                        }
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+            })
+        };
+        Recorder {
+            peak,
+            arrivals,
+            task,
+        }
+    }
+
+    fn arrivals(&self) -> Vec<Instant> {
+        self.arrivals.lock().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_workers_share_connection_and_rate_limits_through_jetstream() {
+    use mailroom_config::{DestinationSpec, ShapingLimits};
+    use mailroom_outbound::shaping::KvStore;
+
+    let nats = nats();
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("shaped.test", 10, "mx.shaped.test")
+        .a("mx.shaped.test", "127.0.1.8")
+        .mx("free.test", 10, "mx.free.test")
+        .a("mx.free.test", "127.0.1.9");
+    let dns = DnsServer::start(zone).expect("dns");
+    let shaped = Recorder::start(SocketAddr::from(([127, 0, 1, 8], port))).await;
+    let free = Recorder::start(SocketAddr::from(([127, 0, 1, 9], port))).await;
+
+    let mut p = policy(&dns, port);
+    p.concurrency = 16;
+    p.max_messages_per_connection = 5;
+    p.destinations = vec![DestinationSpec {
+        name: "shaped".into(),
+        domains: vec!["shaped.test".into()],
+        mx_suffixes: vec![],
+        limits: ShapingLimits {
+            max_connections: Some(2),
+            rate: Some("20/s".parse().expect("rate")),
+            ..ShapingLimits::default()
+        },
+    }];
+    p.default_limits = ShapingLimits::default();
+
+    // Three workers, each with its own NATS connection, queue handle and shaping store: as
+    // separate processes would be.
+    let mut workers = Vec::new();
+    let mut queues = Vec::new();
+    let stop = CancellationToken::new();
+    for _ in 0..3 {
+        let queue = js_queue(&nats).await;
+        let shaping = Arc::new(
+            KvStore::open(queue.context(), "MAILROOM", &p.name, 1)
+                .await
+                .expect("shaping store"),
+        );
+        let deps = WorkerDeps {
+            queue: Arc::clone(&queue) as Arc<dyn Queue>,
+            delivery_log: DeliveryLog::discard(),
+            hostname: "sender.test".into(),
+            lease_time: LEASE,
+            shaping,
+        };
+        let worker = Worker::new(&p, deps).expect("worker");
+        workers.push(tokio::spawn(
+            worker.run(stop.clone(), Duration::from_secs(5)),
+        ));
+        queues.push(queue);
+    }
+    let started = Instant::now();
+    for i in 0..40 {
+        let m = message(
+            "a@client.test",
+            &[&format!("r{i}@shaped.test")],
+            "Subject: s\r\n\r\nx\r\n",
+        );
+        queues[0].enqueue(m).await.expect("enqueue shaped");
+    }
+    for i in 0..20 {
+        let m = message(
+            "a@client.test",
+            &[&format!("r{i}@free.test")],
+            "Subject: f\r\n\r\nx\r\n",
+        );
+        queues[0].enqueue(m).await.expect("enqueue free");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (shaped.arrivals().len() < 40 || free.arrivals().len() < 20) && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let shaped_arrivals = shaped.arrivals();
+    let free_arrivals = free.arrivals();
+    assert_eq!(shaped_arrivals.len(), 40, "all shaped messages delivered");
+    assert_eq!(free_arrivals.len(), 20, "all free messages delivered");
+    assert!(
+        shaped.peak() <= 2,
+        "never more than 2 connections: {}",
+        shaped.peak()
+    );
+    // 20/s with a burst of 1: 40 messages take at least 39 intervals of 50 ms.
+    let first = shaped_arrivals.iter().min().copied().unwrap_or(started);
+    let last = shaped_arrivals.iter().max().copied().unwrap_or(started);
+    assert!(
+        last - first >= Duration::from_millis(1900),
+        "rate held: 40 messages in {:?}",
+        last - first
+    );
+    // In any 1-second window at most 20 (+ burst 1) arrived.
+    for a in &shaped_arrivals {
+        let in_window = shaped_arrivals
+            .iter()
+            .filter(|b| **b >= *a && **b < *a + Duration::from_secs(1))
+            .count();
+        assert!(in_window <= 21, "{in_window} in one second");
+    }
+    // The destination without limits was not slowed down by the shaped one.
+    let free_last = free_arrivals.iter().max().copied().unwrap_or(started);
+    assert!(
+        free_last < last,
+        "free.test finished ({:?}) before shaped.test ({:?})",
+        free_last - started,
+        last - started
+    );
+    stop.cancel();
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signs_with_the_from_domains_dkim_key() {
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("dest.test", 10, "mx.dest.test")
+        .a("mx.dest.test", "127.0.1.10");
+    let dns = DnsServer::start(zone).expect("dns");
+    let receiver = Receiver::start(SocketAddr::from(([127, 0, 1, 10], port)), &["dest.test"]).await;
+    let mut p = policy(&dns, port);
+    let key = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/dkim-ed25519-openssl.pem"
+    );
+    p.dkim = vec![mailroom_config::DkimSpec {
+        domain: "client.test".into(),
+        selector: "s2026".into(),
+        key_file: key.into(),
+        algorithm: None,
+        headers: vec![],
+    }];
+    let sender = Sender::start(&p).await;
+    let signed = message(
+        "a@client.test",
+        &["r@dest.test"],
+        "From: A <a@news.client.test>\r\nTo: r@dest.test\r\nSubject: signed\r\n\r\nbody\r\n",
+    );
+    let unsigned = message(
+        "a@client.test",
+        &["r@dest.test"],
+        "From: B <b@elsewhere.test>\r\nSubject: not ours\r\n\r\nbody\r\n",
+    );
+    sender.queue.enqueue(signed).await.expect("enqueue");
+    sender.queue.enqueue(unsigned).await.expect("enqueue");
+    assert!(sender.wait_empty(Duration::from_secs(20)).await);
+    let got = receiver.wait_for(2, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 2);
+    let texts: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    let signed = texts
+        .iter()
+        .find(|t| t.contains("Subject: signed"))
+        .expect("signed one");
+    let unsigned = texts
+        .iter()
+        .find(|t| t.contains("Subject: not ours"))
+        .expect("other");
+    assert!(signed.contains("DKIM-Signature:"), "{signed}");
+    assert!(
+        signed.contains("d=client.test") && signed.contains("s=s2026"),
+        "{signed}"
+    );
+    assert!(
+        !unsigned.contains("DKIM-Signature:"),
+        "no key for elsewhere.test"
+    );
+    sender.stop().await;
 }

@@ -63,6 +63,18 @@ pub async fn open_queue(
     spool_override: Option<&Path>,
     read_only: bool,
 ) -> anyhow::Result<Arc<dyn Queue>> {
+    Ok(open_queue_and_context(spec, spool_override, read_only)
+        .await?
+        .0)
+}
+
+/// [`open_queue`], plus the JetStream context when the queue is JetStream (the delivery
+/// workers keep their traffic-shaping state next to the queue).
+pub async fn open_queue_and_context(
+    spec: &QueueSpec,
+    spool_override: Option<&Path>,
+    read_only: bool,
+) -> anyhow::Result<(Arc<dyn Queue>, Option<async_nats::jetstream::Context>)> {
     if let (Some(js), None) = (&spec.jetstream, spool_override) {
         let options = jetstream_options(js)?;
         let queue = JetStreamQueue::connect(options).await.with_context(|| {
@@ -72,7 +84,8 @@ pub async fn open_queue(
                 js.urls.join(", ")
             )
         })?;
-        return Ok(Arc::new(queue));
+        let context = queue.context().clone();
+        return Ok((Arc::new(queue), Some(context)));
     }
     let path = match (spool_override, &spec.local) {
         (Some(p), _) => p.to_path_buf(),
@@ -101,5 +114,5 @@ pub async fn open_queue(
     };
     let queue = queue
         .with_context(|| format!("queue.local.path {}: cannot open the spool", path.display()))?;
-    Ok(Arc::new(queue))
+    Ok((Arc::new(queue), None))
 }

@@ -9,11 +9,12 @@ use std::time::Duration;
 use anyhow::Context;
 use mailroom_config::Config;
 use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use mailroom_outbound::shaping::{KvStore, MemoryStore, ShapingStore};
 use mailroom_outbound::{Worker, WorkerDeps};
 use mailroom_telemetry::{DeliveryLog, LogFormat, Readiness, init_tracing, serve_http};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::open_queue;
+use crate::backend::open_queue_and_context;
 use crate::load_config;
 
 /// Raises the open-files limit to the hard limit: every connection is a descriptor.
@@ -146,7 +147,7 @@ fn start(config: Config, roles: Roles) -> anyhow::Result<()> {
 }
 
 async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
-    let queue = open_queue(&config.queue, None, false).await?;
+    let (queue, jetstream) = open_queue_and_context(&config.queue, None, false).await?;
     let delivery_log = DeliveryLog::open(config.log.delivery_log.as_deref().map(Path::new))?;
     let deps = InboundDeps {
         queue: Arc::clone(&queue),
@@ -155,12 +156,7 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
     };
     let mut workers = Vec::new();
     if let Some(only) = &roles.workers {
-        let worker_deps = WorkerDeps {
-            queue: Arc::clone(&queue),
-            delivery_log: deps.delivery_log.clone(),
-            hostname: config.effective_hostname(),
-            lease_time: lease_time(&config),
-        };
+        let memory: Arc<dyn ShapingStore> = Arc::new(MemoryStore::default());
         for policy in config.effective_policies() {
             if only.as_ref().is_some_and(|name| *name != policy.name) {
                 continue;
@@ -169,7 +165,25 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
                 tracing::info!(policy = %policy.name, "policy on hold: its mail stays queued");
                 continue;
             }
-            workers.push(Worker::new(&policy, worker_deps.clone())?);
+            // Limits hold across the cluster when the queue is; in one process otherwise.
+            let shaping: Arc<dyn ShapingStore> = match (&jetstream, &config.queue.jetstream) {
+                (Some(js), Some(spec)) => Arc::new(
+                    KvStore::open(js, &spec.stream, &policy.name, usize::from(spec.replicas))
+                        .await
+                        .with_context(|| {
+                            format!("policies[{}]: traffic shaping state", policy.name)
+                        })?,
+                ),
+                _ => Arc::clone(&memory),
+            };
+            let worker_deps = WorkerDeps {
+                queue: Arc::clone(&queue),
+                delivery_log: deps.delivery_log.clone(),
+                hostname: config.effective_hostname(),
+                lease_time: lease_time(&config),
+                shaping,
+            };
+            workers.push(Worker::new(&policy, worker_deps)?);
         }
     }
     let mut listeners = Vec::new();

@@ -461,6 +461,12 @@ impl JetStreamQueue {
         &self.inner.options.stream
     }
 
+    /// The JetStream context of this queue's connection (for other state kept next to the
+    /// queue, such as the outbound workers' traffic shaping).
+    pub fn context(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
     /// The options this queue was opened with.
     pub fn options(&self) -> &JetStreamOptions {
         &self.inner.options
