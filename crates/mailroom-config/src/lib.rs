@@ -30,7 +30,7 @@ pub use plugins::{AccessPluginSpec, HeadersPluginSpec, PluginSpec};
 pub use policy::{
     BounceSpec, ClientTimeouts, DeliveryPolicySpec, DestinationSpec, DkimAlgorithm, DkimSpec,
     IpVersion, OutboundTlsMode, RelaySpec, RelayTls, ResolverSpec, RetrySpec, RoutingSpec,
-    ShapingLimits,
+    RuleAction, RuleSpec, ShapingLimits,
 };
 pub use schema::json_schema;
 

@@ -46,6 +46,11 @@ pub struct DeliveryPolicySpec {
     pub destinations: Vec<DestinationSpec>,
     /// Limits of each destination domain that no `destinations` entry matches.
     pub default_limits: ShapingLimits,
+    /// Response-driven rules: when a receiving server's reply matches `pattern`, the
+    /// destination it came from is suspended or throttled for a while (across all workers).
+    /// The first matching rule applies.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<RuleSpec>,
     /// DKIM signing keys (RFC 6376). A message is signed by the entry whose `domain` is the
     /// domain of its `From:` address or a parent of it (the most specific wins).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -75,6 +80,7 @@ impl Default for DeliveryPolicySpec {
                 max_connections: Some(20),
                 ..ShapingLimits::default()
             },
+            rules: Vec::new(),
             dkim: Vec::new(),
             hold: false,
         }
@@ -326,4 +332,34 @@ pub struct ShapingLimits {
     /// New connections per time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_rate: Option<Rate>,
+}
+
+/// A response-driven rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Name in logs and `mailroom queue stats`.
+    pub name: String,
+    /// A regular expression (Rust `regex` syntax) matched against the whole reply or error
+    /// text, e.g. `^421 .*(try again later|too many connections)`.
+    pub pattern: String,
+    /// `suspend`: no delivery to the destination until the time is up; `throttle`: at most
+    /// `rate` meanwhile.
+    pub action: RuleAction,
+    /// How long the action lasts after the last matching reply.
+    pub duration: HumanDuration,
+    /// The rate while throttled (`throttle` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+}
+
+/// What a rule does to its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum RuleAction {
+    /// Stop delivering to the destination.
+    Suspend,
+    /// Deliver at most the rule's rate.
+    Throttle,
 }

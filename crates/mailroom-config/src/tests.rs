@@ -634,3 +634,20 @@ fn destination_problems_name_their_fields() {
     assert_problem(&found, "policies[0].destinations[1].name", "duplicate");
     assert_problem(&found, "policies[0].destinations[1].domains[0]", "");
 }
+
+#[test]
+fn rules_load_and_are_checked() {
+    let yaml = "policies:\n  - name: default\n    rules:\n      - { name: slow-down, pattern: \"^421 .*try again later\", action: throttle, duration: 10m, rate: 10/min }\n      - { name: blocked, pattern: \"^554 .*blocked\", action: suspend, duration: 1h }\n";
+    let config = load_str(yaml, "t.yaml").unwrap();
+    assert_eq!(config.policies[0].rules[0].action, RuleAction::Throttle);
+    assert_eq!(
+        config.policies[0].rules[1].duration.as_duration().as_secs(),
+        3600
+    );
+    let bad = "policies:\n  - name: default\n    rules:\n      - { name: x, pattern: \"(unclosed\", action: throttle, duration: 0s }\n      - { name: y, pattern: ok, action: suspend, duration: 1m, rate: 1/s }\n";
+    let found = problems(bad);
+    assert_problem(&found, "policies[0].rules[0].pattern", "regular expression");
+    assert_problem(&found, "policies[0].rules[0].duration", "above 0s");
+    assert_problem(&found, "policies[0].rules[0].rate", "needs a rate");
+    assert_problem(&found, "policies[0].rules[1].rate", "remove rate");
+}

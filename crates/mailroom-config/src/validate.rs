@@ -244,6 +244,32 @@ fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
         check_shaping(&dest.limits, &at_d, p);
     }
     check_shaping(&d.default_limits, &format!("{at}.defaultLimits"), p);
+    for (j, rule) in d.rules.iter().enumerate() {
+        let at_r = format!("{at}.rules[{j}]");
+        p.check(
+            format!("{at_r}.name"),
+            syntax::check_listener_name(&rule.name),
+        );
+        if let Err(e) = regex::Regex::new(&rule.pattern) {
+            p.push(
+                format!("{at_r}.pattern"),
+                format!("not a valid regular expression: {e}"),
+            );
+        }
+        if rule.duration.is_zero() {
+            p.push(format!("{at_r}.duration"), "must be above 0s");
+        }
+        match (rule.action, &rule.rate) {
+            (crate::policy::RuleAction::Throttle, None) => {
+                p.push(format!("{at_r}.rate"), "a throttle rule needs a rate")
+            }
+            (crate::policy::RuleAction::Suspend, Some(_)) => p.push(
+                format!("{at_r}.rate"),
+                "a suspend rule stops delivery; remove rate or use action: throttle",
+            ),
+            _ => {}
+        }
+    }
     for (j, key) in d.dkim.iter().enumerate() {
         p.check(
             format!("{at}.dkim[{j}].domain"),
