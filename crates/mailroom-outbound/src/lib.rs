@@ -23,6 +23,7 @@ mod metrics;
 pub mod mx;
 pub mod outcome;
 mod pool;
+mod rules;
 pub mod shaping;
 pub mod worker;
 

@@ -135,15 +135,25 @@ impl Pool {
         }
     }
 
-    /// Says QUIT in the background and gives the slot back.
+    /// Says QUIT in the background and gives the slot back once the connection is closed
+    /// (a server slow to answer QUIT must not see more than its connection limit).
     pub fn close(&self, conn: Conn) {
-        metrics::CONNECTIONS_OPEN.dec();
-        if let Some(hold) = conn.slot {
-            self.release(hold);
-        }
+        let slot = conn.slot.map(|hold| {
+            self.held
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|s| !Arc::ptr_eq(s, &hold.0));
+            hold.0
+        });
+        let shaper = Arc::clone(&self.shaper);
         let c = conn.conn;
         tokio::spawn(async move {
             let _ = c.quit().await;
+            metrics::CONNECTIONS_OPEN.dec();
+            if let Some(slot) = slot {
+                let slot = slot.lock().await.clone();
+                shaper.release_slot(slot).await;
+            }
         });
     }
 }

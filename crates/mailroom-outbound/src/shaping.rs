@@ -104,6 +104,21 @@ fn gcra(tat: Option<Tat>, now: u64, rate: &Rate) -> Result<Tat, Duration> {
     Ok(Tat(tat.saturating_add(t)))
 }
 
+/// A rule's action on a destination, active until `until_ms`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Override {
+    /// The destination key.
+    pub dest: String,
+    /// The rule's name.
+    pub rule: String,
+    /// `None`: suspended; `Some(rate)`: throttled to the rate (canonical form, e.g. `10/m`).
+    pub rate: Option<String>,
+    /// Unix ms.
+    pub until_ms: u64,
+    /// The reply that triggered it.
+    pub response: String,
+}
+
 /// A held connection slot.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Slot {
@@ -126,13 +141,44 @@ pub trait ShapingStore: Send + Sync {
     /// Lets one unit pass `bucket` at `rate` now (`Ok(Ok(()))`), or says how long until one
     /// can (`Ok(Err(wait))`).
     async fn take(&self, bucket: &str, rate: &Rate) -> Result<Result<(), Duration>, ShapingError>;
+    /// Records a rule's action on its destination (replacing an earlier one).
+    async fn set_override(&self, over: &Override) -> Result<(), ShapingError>;
+    /// The action in force on `dest` now, if any.
+    async fn override_for(&self, dest: &str) -> Result<Option<Override>, ShapingError>;
+    /// Every action in force now (for `mailroom queue stats`).
+    async fn overrides(&self) -> Result<Vec<Override>, ShapingError>;
 }
 
-/// Shaping state in this process.
+/// Shaping state in this process. With a file, the rules' actions in force are also written
+/// there (JSON) whenever they change, for `mailroom queue stats` in another process.
 #[derive(Default)]
 pub struct MemoryStore {
     slots: Mutex<HashMap<String, HashSet<u32>>>,
     buckets: Mutex<HashMap<String, Tat>>,
+    overrides: Mutex<HashMap<String, Override>>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl MemoryStore {
+    /// A store that mirrors the rules' actions in force to `file`.
+    pub fn with_file(file: std::path::PathBuf) -> MemoryStore {
+        MemoryStore {
+            file: Some(file),
+            ..MemoryStore::default()
+        }
+    }
+
+    /// The actions in force according to a file written by a [`MemoryStore::with_file`].
+    pub fn read_file(file: &std::path::Path) -> Vec<Override> {
+        let now = mailroom_queue::now_ms();
+        std::fs::read(file)
+            .ok()
+            .and_then(|data| serde_json::from_slice::<Vec<Override>>(&data).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|o| o.until_ms > now)
+            .collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -159,6 +205,42 @@ impl ShapingStore for MemoryStore {
         if let Some(held) = slots.get_mut(&slot.dest) {
             held.remove(&slot.n);
         }
+    }
+
+    async fn set_override(&self, over: &Override) -> Result<(), ShapingError> {
+        let snapshot: Vec<Override> = {
+            let mut all = self.overrides.lock().unwrap_or_else(|e| e.into_inner());
+            all.insert(over.dest.clone(), over.clone());
+            let now = mailroom_queue::now_ms();
+            all.retain(|_, o| o.until_ms > now);
+            all.values().cloned().collect()
+        };
+        if let Some(file) = &self.file {
+            let tmp = file.with_extension("tmp");
+            let written = std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&snapshot).unwrap_or_default(),
+            )
+            .and_then(|()| std::fs::rename(&tmp, file));
+            if let Err(e) = written {
+                tracing::warn!(file = %file.display(), error = %e, "could not write the rules' state");
+            }
+        }
+        Ok(())
+    }
+
+    async fn override_for(&self, dest: &str) -> Result<Option<Override>, ShapingError> {
+        let all = self.overrides.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(all
+            .get(dest)
+            .filter(|o| o.until_ms > mailroom_queue::now_ms())
+            .cloned())
+    }
+
+    async fn overrides(&self) -> Result<Vec<Override>, ShapingError> {
+        let now = mailroom_queue::now_ms();
+        let all = self.overrides.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(all.values().filter(|o| o.until_ms > now).cloned().collect())
     }
 
     async fn take(&self, bucket: &str, rate: &Rate) -> Result<Result<(), Duration>, ShapingError> {
@@ -243,6 +325,22 @@ impl KvStore {
         format!("{}.{}.{n}", self.policy, key_token(dest))
     }
 
+    fn override_key(&self, dest: &str) -> String {
+        format!("{}.rule.{}", self.policy, key_token(dest))
+    }
+
+    /// The rule action stored under `key`, if still in force.
+    async fn override_at(&self, key: &str) -> Result<Option<Override>, ShapingError> {
+        let value = self
+            .rates
+            .get(key)
+            .await
+            .map_err(|e| Self::err("read rule action", key, e))?;
+        Ok(value
+            .and_then(|v| serde_json::from_slice::<Override>(&v).ok())
+            .filter(|o| o.until_ms > mailroom_queue::now_ms()))
+    }
+
     fn err(op: &'static str, key: &str, e: impl std::fmt::Display) -> ShapingError {
         ShapingError {
             op,
@@ -303,6 +401,41 @@ impl ShapingStore for KvStore {
         {
             tracing::debug!(%key, error = %e, "slot release failed; it expires by itself");
         }
+    }
+
+    async fn set_override(&self, over: &Override) -> Result<(), ShapingError> {
+        let key = self.override_key(&over.dest);
+        let value = Bytes::from(serde_json::to_vec(over).unwrap_or_default());
+        self.rates
+            .put(&key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| Self::err("set rule action", &key, e))
+    }
+
+    async fn override_for(&self, dest: &str) -> Result<Option<Override>, ShapingError> {
+        self.override_at(&self.override_key(dest)).await
+    }
+
+    async fn overrides(&self) -> Result<Vec<Override>, ShapingError> {
+        use futures_util::StreamExt;
+        let prefix = format!("{}.rule.", self.policy);
+        let mut keys = match self.rates.keys().await {
+            Ok(keys) => keys,
+            // An empty bucket has no keys to list.
+            Err(e) => return Err(Self::err("list rule actions", &prefix, e)),
+        };
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            if let Some(o) = self.override_at(&key).await? {
+                out.push(o);
+            }
+        }
+        Ok(out)
     }
 
     async fn take(&self, bucket: &str, rate: &Rate) -> Result<Result<(), Duration>, ShapingError> {

@@ -40,6 +40,7 @@ use crate::metrics;
 use crate::mx::{MxResolver, ResolverConfig};
 use crate::outcome::{Disposition, RecipientOutcome, all, decide};
 use crate::pool::{Conn, Pool};
+use crate::rules::Rules;
 use crate::shaping::{Destination, SLOT_TTL, ShapingStore};
 
 /// Most entries asked for in one lease call.
@@ -103,6 +104,7 @@ struct Inner {
     client: ClientConfig,
     pool: Pool,
     dkim: DkimSigner,
+    rules: Rules,
 }
 
 /// What an attempt came to.
@@ -121,6 +123,8 @@ struct Attempt {
     host: Option<String>,
     addr: Option<SocketAddr>,
     tls: Option<String>,
+    /// The destination's shaping key, when routing got that far.
+    dest: Option<String>,
 }
 
 impl Attempt {
@@ -137,6 +141,11 @@ impl Worker {
     /// relay credentials. Errors name the policy field to fix.
     pub fn new(spec: &DeliveryPolicySpec, deps: WorkerDeps) -> Result<Worker, WorkerError> {
         let (routing, client, dkim) = prepare(spec, &deps.hostname)?;
+        let rules = Rules::new(&spec.rules).map_err(|reason| WorkerError {
+            policy: spec.name.clone(),
+            field: "rules",
+            reason,
+        })?;
         let pool = Pool::new(Arc::clone(&deps.shaping));
         Ok(Worker {
             inner: Arc::new(Inner {
@@ -146,6 +155,7 @@ impl Worker {
                 client,
                 pool,
                 dkim,
+                rules,
             }),
         })
     }
@@ -340,7 +350,10 @@ impl Inner {
             .observe(started.elapsed().as_secs_f64());
         let key = lease.key.clone();
         let finished = match attempt {
-            Step::Tried(attempt) => self.finish(lease, attempt).await,
+            Step::Tried(attempt) => {
+                self.apply_rules(&lease, &attempt).await;
+                self.finish(lease, attempt).await
+            }
             Step::Postpone(at_ms) => {
                 metrics::RECIPIENTS
                     .with_label_values(&[self.spec.name.as_str(), "throttled"])
@@ -425,22 +438,16 @@ impl Inner {
 
     /// Applies the destination's message rate, then delivers.
     async fn shaped(&self, lease: &Lease, targets: Vec<Target>, dest: &Destination) -> Step {
-        if let Some(rate) = &dest.limits.rate {
-            match self
-                .pool
-                .shaper()
-                .take(&format!("msg:{}", dest.key), rate)
-                .await
-            {
-                Ok(Ok(())) => {}
-                Ok(Err(wait)) => return Step::Postpone(later(wait)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "rate check failed; trying again shortly");
-                    return Step::Postpone(later(Duration::from_secs(1)));
-                }
-            }
+        if let Some(at) = self.rules.gate(self.pool.shaper(), &dest.key).await {
+            return Step::Postpone(at);
         }
-        self.deliver_via(lease, targets, dest).await
+        match self.deliver_via(lease, targets, dest).await {
+            Step::Tried(mut attempt) => {
+                attempt.dest = Some(dest.key.clone());
+                Step::Tried(attempt)
+            }
+            other => other,
+        }
     }
 
     /// Tries `targets` in order until one takes the transaction.
@@ -450,25 +457,44 @@ impl Inner {
         for target in targets {
             let key = format!("{}:{}", target.host, target.addr.port());
             let pooled = self.pool.take(&key, self.spec.timeouts.idle.as_duration());
-            let sent = match pooled {
-                Some(conn) => match self.send(lease, conn, key.clone()).await {
-                    // The server closed the idle connection meanwhile (its own idle timeout,
-                    // often with a 421): nothing was sent; go again on a fresh connection.
-                    Err(e) if closed_before_mail(&e) => {
-                        tracing::debug!(host = %target.host, error = %e, "pooled connection was closed by the server; reconnecting");
-                        match self.open(&target, dest).await {
-                            Ok(Ok(conn)) => self.send(lease, conn, key).await,
-                            Ok(Err(e)) => Err(e),
-                            Err(at) => return Step::Postpone(at),
-                        }
-                    }
-                    other => other,
-                },
+            let was_pooled = pooled.is_some();
+            let conn = match pooled {
+                Some(conn) => conn,
                 None => match self.open(&target, dest).await {
-                    Ok(Ok(conn)) => self.send(lease, conn, key).await,
-                    Ok(Err(e)) => Err(e),
+                    Ok(Ok(conn)) => conn,
+                    Ok(Err(e)) if e.try_next_host() => {
+                        tracing::info!(entry = %lease.key, host = %target.host, addr = %target.addr, error = %e, "trying the next host");
+                        last = Some(e);
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        return Step::Tried(Attempt {
+                            host: Some(target.host.clone()),
+                            addr: Some(target.addr),
+                            ..Attempt::everyone(recipients, classify(&e))
+                        });
+                    }
                     Err(at) => return Step::Postpone(at),
                 },
+            };
+            // The message rate is taken only with a connection in hand, so that an entry
+            // held back by the connection limit does not use up rate.
+            if let Some(at) = self.message_rate(dest).await {
+                self.pool.put(key, conn);
+                return Step::Postpone(at);
+            }
+            let sent = match self.send(lease, conn, key.clone()).await {
+                // The server closed the idle connection meanwhile (its own idle timeout,
+                // often with a 421): nothing was sent; go again on a fresh connection.
+                Err(e) if was_pooled && closed_before_mail(&e) => {
+                    tracing::debug!(host = %target.host, error = %e, "pooled connection was closed by the server; reconnecting");
+                    match self.open(&target, dest).await {
+                        Ok(Ok(conn)) => self.send(lease, conn, key).await,
+                        Ok(Err(e)) => Err(e),
+                        Err(at) => return Step::Postpone(at),
+                    }
+                }
+                other => other,
             };
             match sent {
                 Err(e) if e.try_next_host() => {
@@ -500,6 +526,7 @@ impl Inner {
                         host: Some(target.host.clone()),
                         addr: Some(target.addr),
                         tls,
+                        dest: None,
                     });
                 }
             }
@@ -512,6 +539,25 @@ impl Inner {
             recipients,
             RecipientOutcome::Transient { response },
         ))
+    }
+
+    /// Takes one unit of the destination's message rate: `None` to go on, `Some(at)` when the
+    /// rate says not before `at` (Unix ms).
+    async fn message_rate(&self, dest: &Destination) -> Option<u64> {
+        let rate = dest.limits.rate.as_ref()?;
+        match self
+            .pool
+            .shaper()
+            .take(&format!("msg:{}", dest.key), rate)
+            .await
+        {
+            Ok(Ok(())) => None,
+            Ok(Err(wait)) => Some(later(wait)),
+            Err(e) => {
+                tracing::warn!(error = %e, "rate check failed; trying again shortly");
+                Some(later(Duration::from_secs(1)))
+            }
+        }
     }
 
     /// Opens a connection to `target` within the destination's limits: a connection slot
@@ -613,6 +659,39 @@ impl Inner {
             self.pool.close(conn);
         }
         result.map(|o| (o, tls))
+    }
+
+    /// Puts a rule in force when one matches a reply of this attempt.
+    async fn apply_rules(&self, lease: &Lease, attempt: &Attempt) {
+        let Some(dest) = &attempt.dest else { return };
+        let responses = attempt.outcomes.iter().filter_map(|(_, o)| match o {
+            RecipientOutcome::Delivered { .. } => None,
+            other => Some(other.response()),
+        });
+        if let Some(over) = self
+            .rules
+            .observe(self.pool.shaper(), dest, responses)
+            .await
+        {
+            let mut fields = Map::new();
+            fields.insert("policy".into(), json!(self.spec.name));
+            fields.insert("destination".into(), json!(over.dest));
+            fields.insert("rule".into(), json!(over.rule));
+            fields.insert(
+                "action".into(),
+                json!(if over.rate.is_some() {
+                    "throttle"
+                } else {
+                    "suspend"
+                }),
+            );
+            fields.insert("rate".into(), json!(over.rate));
+            fields.insert("until_ms".into(), json!(over.until_ms));
+            fields.insert("response".into(), json!(over.response));
+            fields.insert("queue_id".into(), json!(lease.key.id.to_string()));
+            self.deps.delivery_log.record("rule", fields);
+            tracing::info!(destination = %over.dest, rule = %over.rule, "rule in force");
+        }
     }
 
     /// The message with its DKIM signature prepended, when a key applies.
@@ -860,7 +939,7 @@ fn classify(e: &ClientError) -> RecipientOutcome {
 }
 
 /// Unix ms `wait` from now.
-fn later(wait: Duration) -> u64 {
+pub(crate) fn later(wait: Duration) -> u64 {
     now_ms().saturating_add(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
 }
 

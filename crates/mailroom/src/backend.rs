@@ -57,19 +57,9 @@ pub fn jetstream_options(spec: &JetStreamQueueSpec) -> anyhow::Result<JetStreamO
     })
 }
 
-/// Opens the queue for a server (`read_only` false) or for the admin commands.
-pub async fn open_queue(
-    spec: &QueueSpec,
-    spool_override: Option<&Path>,
-    read_only: bool,
-) -> anyhow::Result<Arc<dyn Queue>> {
-    Ok(open_queue_and_context(spec, spool_override, read_only)
-        .await?
-        .0)
-}
-
-/// [`open_queue`], plus the JetStream context when the queue is JetStream (the delivery
-/// workers keep their traffic-shaping state next to the queue).
+/// Opens the queue for a server (`read_only` false) or for the admin commands, with the
+/// JetStream context when the queue is JetStream (the delivery workers keep their
+/// traffic-shaping state next to the queue).
 pub async fn open_queue_and_context(
     spec: &QueueSpec,
     spool_override: Option<&Path>,

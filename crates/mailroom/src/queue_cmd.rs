@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use mailroom_queue::QueueId;
 
-use crate::backend::open_queue;
+use crate::backend::open_queue_and_context;
 use crate::load_config;
 
 /// What to show.
@@ -69,15 +69,79 @@ fn millis_to_rfc3339(ms: u64) -> String {
         .unwrap_or_else(|| ms.to_string())
 }
 
+/// The response-driven rules in force, per destination: from JetStream KV for the cluster
+/// queue, from the spool's `rules.json` (written by `mailroom serve`) for the local one.
+async fn active_rules(
+    spec: &mailroom_config::QueueSpec,
+    policies: &[mailroom_config::DeliveryPolicySpec],
+    spool: Option<&std::path::Path>,
+    jetstream: Option<&async_nats::jetstream::Context>,
+) -> Vec<serde_json::Value> {
+    use mailroom_outbound::shaping::{KvStore, MemoryStore, Override, ShapingStore};
+    let mut found: Vec<(String, Override)> = Vec::new();
+    match (jetstream, &spec.jetstream) {
+        (Some(js), Some(jspec)) => {
+            for policy in policies {
+                let store =
+                    KvStore::open(js, &jspec.stream, &policy.name, usize::from(jspec.replicas))
+                        .await;
+                match store {
+                    Ok(store) => match store.overrides().await {
+                        Ok(list) => {
+                            found.extend(list.into_iter().map(|o| (policy.name.clone(), o)))
+                        }
+                        Err(e) => tracing::debug!(error = %e, "no rule state"),
+                    },
+                    Err(e) => tracing::debug!(error = %e, "no rule state"),
+                }
+            }
+        }
+        _ => {
+            let dir = spool
+                .map(std::path::Path::to_path_buf)
+                .or_else(|| spec.local.as_ref().map(|l| PathBuf::from(&l.path)));
+            if let Some(dir) = dir {
+                let file = dir.join(crate::serve::RULES_FILE);
+                found.extend(
+                    MemoryStore::read_file(&file)
+                        .into_iter()
+                        .map(|o| (String::new(), o)),
+                );
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|(policy, o)| {
+            serde_json::json!({
+                "policy": if policy.is_empty() { None } else { Some(policy) },
+                "destination": o.dest,
+                "rule": o.rule,
+                "action": if o.rate.is_some() { "throttle" } else { "suspend" },
+                "rate": o.rate,
+                "until": millis_to_rfc3339(o.until_ms),
+                "response": o.response,
+            })
+        })
+        .collect()
+}
+
 /// Runs a queue subcommand.
 pub fn run(
     config: Option<&std::path::Path>,
     spool: Option<PathBuf>,
     action: QueueAction,
 ) -> anyhow::Result<()> {
-    let queue_spec = match (&spool, config) {
-        (Some(_), None) => mailroom_config::QueueSpec::default(),
-        _ => load_config(config)?.queue,
+    let (queue_spec, policies) = match (&spool, config) {
+        (Some(_), None) => (
+            mailroom_config::QueueSpec::default(),
+            vec![mailroom_config::DeliveryPolicySpec::default()],
+        ),
+        _ => {
+            let config = load_config(config)?;
+            let policies = config.effective_policies();
+            (config.queue, policies)
+        }
     };
     // Malformed ids are refused before the queue is opened.
     match &action {
@@ -97,7 +161,7 @@ pub fn run(
             action,
             QueueAction::Delete { .. } | QueueAction::Retry { .. } | QueueAction::Bounce { .. }
         );
-        let q = open_queue(&queue_spec, spool.as_deref(), !writes)
+        let (q, jetstream) = open_queue_and_context(&queue_spec, spool.as_deref(), !writes)
             .await
             .map_err(|e| {
                 let locked = e.chain().any(|c| {
@@ -119,6 +183,7 @@ pub fn run(
             QueueAction::Stats => {
                 let s = q.stats().await?;
                 let backlog = q.backlogs().await?;
+                let rules = active_rules(&queue_spec, &policies, spool.as_deref(), jetstream.as_ref()).await;
                 let now = mailroom_queue::now_ms();
                 let out = serde_json::json!({
                     "backend": q.backend(),
@@ -128,6 +193,7 @@ pub fn run(
                     "oldest_age_seconds": s.oldest_received_at_ms.map(|at| now.saturating_sub(at) / 1000),
                     "by_domain": s.by_domain,
                     "backlog": backlog,
+                    "rules": rules,
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }

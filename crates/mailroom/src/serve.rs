@@ -59,6 +59,9 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The file in the local spool directory that mirrors the rules' actions in force.
+pub const RULES_FILE: &str = "rules.json";
+
 /// What one process runs.
 #[derive(Clone, Debug)]
 struct Roles {
@@ -156,7 +159,12 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
     };
     let mut workers = Vec::new();
     if let Some(only) = &roles.workers {
-        let memory: Arc<dyn ShapingStore> = Arc::new(MemoryStore::default());
+        // The local spool's directory also keeps the rules' actions in force, for
+        // `mailroom queue stats`.
+        let memory: Arc<dyn ShapingStore> = Arc::new(match &config.queue.local {
+            Some(local) => MemoryStore::with_file(Path::new(&local.path).join(RULES_FILE)),
+            None => MemoryStore::default(),
+        });
         for policy in config.effective_policies() {
             if only.as_ref().is_some_and(|name| *name != policy.name) {
                 continue;
