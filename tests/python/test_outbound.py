@@ -659,3 +659,29 @@ def test_mixed_outcomes_in_one_transaction(mailroom_factory, dnsmasq, peers):
     [dsn] = wait_for("the DSN", sender_mx.messages, 10, server, dns)
     status = dsn_parts(dsn["message"])[1][1].as_string()
     assert "b@dest.test" in status and "a@dest.test" not in status and "c@dest.test" not in status, status
+
+
+def test_a_matching_reply_suspends_the_destination(mailroom_factory, dnsmasq, peers):
+    """A rule whose pattern matches a reply suspends the destination for its duration: the
+    retry due after 1 s waits for the suspension to end, and `queue stats` shows the rule."""
+    port = mx_port(["127.0.0.2"])
+    dns = dnsmasq(mx={"dest.test": [(10, "mx1.dest.test")]}, hosts={"mx1.dest.test": "127.0.0.2"})
+    receiver = peers.scripted("127.0.0.2", port, ["421 4.7.0 Try again later, closing connection", "250 2.1.5 Ok"])
+    rule = {"name": "back-off", "pattern": "(?i)try again later", "action": "suspend", "duration": "4s"}
+    server = sending_server(mailroom_factory, dns, port, ["dest.test"], rules=[rule])
+    qid = send(server, ["r@dest.test"], message("suspend", "r@dest.test", "x"))
+    wait_for("the rule to be in force", lambda: events(server, "rule"), 10, server, dns)
+    (fired,) = events(server, "rule")
+    assert fired["rule"] == "back-off" and fired["action"] == "suspend", fired
+    assert fired["destination"] == "domain:dest.test", fired
+    stats = server.queue_stats()
+    assert [r["rule"] for r in stats["rules"]] == ["back-off"], stats
+    assert stats["rules"][0]["destination"] == "domain:dest.test"
+    wait_for("delivery after the suspension", lambda: events(server, "delivery"), 15, server, dns)
+    (failure,) = events(server, "transient_failure")
+    assert failure["queue_id"] == qid
+    # Two RCPTs: the 421 and the delivery; the retry due at +1 s waited for the rule (4 s).
+    assert len(receiver.rcpts) == 2, receiver.rcpts
+    gap = receiver.rcpts[1][0] - receiver.rcpts[0][0]
+    assert gap >= 3.8, f"retried {gap:.2f}s after the 421, during the 4 s suspension"
+    wait_for("the queue to empty", lambda: queue_empty(server), 10, server, dns)
