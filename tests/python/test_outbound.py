@@ -685,3 +685,28 @@ def test_a_matching_reply_suspends_the_destination(mailroom_factory, dnsmasq, pe
     gap = receiver.rcpts[1][0] - receiver.rcpts[0][0]
     assert gap >= 3.8, f"retried {gap:.2f}s after the 421, during the 4 s suspension"
     wait_for("the queue to empty", lambda: queue_empty(server), 10, server, dns)
+
+
+def test_one_delay_warning_after_delay_warning_after(mailroom_factory, dnsmasq, peers):
+    """With bounces.delayWarningAfter the sender gets exactly one `Action: delayed` report once
+    the message has waited that long; retries go on."""
+    port = mx_port(["127.0.0.2", "127.0.0.4"])
+    dns = dnsmasq(mx={"dest.test": [(10, "mx1.dest.test")], "client.test": [(10, "mx.client.test")]},
+                  hosts={"mx1.dest.test": "127.0.0.2", "mx.client.test": "127.0.0.4"})
+    peers.scripted("127.0.0.2", port, ["451 4.3.0 Temporary local problem"])
+    sender_mx = peers.sink("127.0.0.4", port)
+    server = sending_server(mailroom_factory, dns, port, ["dest.test"], bounces={"delayWarningAfter": "2s"})
+    qid = send(server, ["slow@dest.test"], message("slow", "slow@dest.test", "still trying\r\n"))
+    [warning] = wait_for("the delay warning at the sender's MX", sender_mx.messages, 15, server, dns)
+    assert warning["mail_args"].split(" ")[0] == "<>", warning
+    msg, parts = dsn_parts(warning["message"])
+    assert msg["Subject"].startswith("Delayed Mail"), msg["Subject"]
+    status = parts[1].as_string()
+    assert "Action: delayed" in status and "Final-Recipient: rfc822; slow@dest.test" in status, status
+    assert "Will-Retry-Until:" in status, status
+    # Retries go on, and no second warning comes.
+    wait_for("two more attempts", lambda: len(events(server, "transient_failure")) >= 5, 15, server, dns)
+    assert len(sender_mx.messages()) == 1, "exactly one delay warning"
+    [q] = events(server, "dsn_queued")
+    assert q["original_queue_id"] == qid and q["action"] == "delayed", q
+    assert server.queue_stats()["messages"] == 1, "the original is still queued"

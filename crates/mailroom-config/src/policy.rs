@@ -265,6 +265,11 @@ pub struct BounceSpec {
     /// `From:` of the notifications. Default `MAILER-DAEMON@<hostname>`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// Send one "delayed" notification (RFC 3464 `Action: delayed`) when a message is still
+    /// undelivered this long after reception, to senders who did not refuse them with
+    /// `NOTIFY`. Default: none (like Postfix's `delay_warning_time = 0`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delay_warning_after: Option<HumanDuration>,
 }
 
 /// One DKIM signing key.

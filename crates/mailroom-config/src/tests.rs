@@ -544,7 +544,7 @@ fn delivery_policies_load_with_defaults_and_listeners_name_them() {
 
 #[test]
 fn delivery_policy_problems_name_their_fields() {
-    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\n    acceptedDomains: [example.test]\n    deliveryPolicy: nowhere\npolicies:\n  - name: a\n    concurrency: 0\n    mxPort: 0\n    routing:\n      relay: { host: \"\", tls: none, user: u }\n    resolver: { nameservers: [\"not-an-address\"] }\n    retry: { schedule: [] }\n    timeouts: { connect: 0s }\n  - name: a\n    bounces: { from: nobody }\n";
+    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\n    acceptedDomains: [example.test]\n    deliveryPolicy: nowhere\npolicies:\n  - name: a\n    concurrency: 0\n    mxPort: 0\n    routing:\n      relay: { host: \"\", tls: none, user: u }\n    resolver: { nameservers: [\"not-an-address\"] }\n    retry: { schedule: [] }\n    timeouts: { connect: 0s }\n  - name: a\n    bounces: { from: nobody, delayWarningAfter: 0s }\n";
     let found = problems(yaml);
     assert_problem(
         &found,
@@ -565,6 +565,7 @@ fn delivery_policy_problems_name_their_fields() {
     assert_problem(&found, "policies[0].retry.schedule", "at least one");
     assert_problem(&found, "policies[0].timeouts.connect", "above 0s");
     assert_problem(&found, "policies[1].bounces.from", "not an address");
+    assert_problem(&found, "policies[1].bounces.delayWarningAfter", "above 0s");
 }
 
 #[test]

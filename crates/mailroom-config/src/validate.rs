@@ -288,6 +288,15 @@ fn check_policy(d: &DeliveryPolicySpec, at: &str, p: &mut Problems) {
         }
         p.non_empty(format!("{at}.dkim[{j}].keyFile"), &key.key_file);
     }
+    if d.bounces
+        .delay_warning_after
+        .is_some_and(|after| after.is_zero())
+    {
+        p.push(
+            format!("{at}.bounces.delayWarningAfter"),
+            "must be above 0s (leave it out for no warnings)",
+        );
+    }
     if let Some(from) = &d.bounces.from
         && !from.contains('@')
     {

@@ -747,6 +747,15 @@ impl Inner {
                 bounced,
             } => {
                 self.bounce(&lease, &bounced, &attempt, false, now).await?;
+                self.warn_if_delayed(
+                    &lease,
+                    &pending,
+                    &response,
+                    &attempt,
+                    now,
+                    lease.expires_at_ms,
+                )
+                .await?;
                 let wait = self.spec.retry.delay_after(lease.state.attempts + 1);
                 let at_ms = now + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
                 let next = lease.expires_at_ms.map_or(at_ms, |e| at_ms.min(e));
@@ -817,6 +826,17 @@ impl Inner {
                 if expired { "expired" } else { "bounced" },
             ])
             .inc_by(bounced.len() as u64);
+        self.report(lease, &reports, now).await
+    }
+
+    /// Queues one delivery status notification about `reports` to the message's sender (none
+    /// for the null sender or when no recipient asked for it).
+    async fn report(
+        &self,
+        lease: &Lease,
+        reports: &[RecipientReport],
+        now: u64,
+    ) -> Result<(), QueueError> {
         let from = self
             .spec
             .bounces
@@ -828,7 +848,7 @@ impl Inner {
             from: &from,
             envelope: &lease.message.envelope,
             original: &lease.message.body,
-            reports: &reports,
+            reports,
             arrival_ms: lease.message.envelope.received_at_ms,
             now_ms: now,
             message_id_domain: &self.deps.hostname,
@@ -873,8 +893,55 @@ impl Inner {
         fields.insert("original_queue_id".into(), json!(lease.key.id.to_string()));
         fields.insert("recipient".into(), json!(report.recipient));
         fields.insert("policy".into(), json!(self.spec.name));
+        fields.insert(
+            "action".into(),
+            json!(reports.first().map(|r| r.action.as_str())),
+        );
         self.deps.delivery_log.record("dsn_queued", fields);
         Ok(())
+    }
+
+    /// Sends the one "delayed" notification when this attempt is the first after the
+    /// policy's `bounces.delayWarningAfter` (no state needed: the previous attempt was before
+    /// the threshold).
+    async fn warn_if_delayed(
+        &self,
+        lease: &Lease,
+        pending: &[Recipient],
+        response: &str,
+        attempt: &Attempt,
+        now: u64,
+        retry_until: Option<u64>,
+    ) -> Result<(), QueueError> {
+        let Some(after) = &self.spec.bounces.delay_warning_after else {
+            return Ok(());
+        };
+        let threshold = lease
+            .message
+            .envelope
+            .received_at_ms
+            .saturating_add(u64::try_from(after.as_duration().as_millis()).unwrap_or(u64::MAX));
+        let crossed_now = now >= threshold
+            && lease
+                .state
+                .last_attempt_ms
+                .is_none_or(|last| last < threshold);
+        if !crossed_now {
+            return Ok(());
+        }
+        let reports: Vec<RecipientReport> = pending
+            .iter()
+            .map(|r| RecipientReport {
+                recipient: r.clone(),
+                action: Action::Delayed,
+                status: (4, 0, 0),
+                remote_mta: attempt.host.clone(),
+                diagnostic: Some(response.to_string()),
+                last_attempt_ms: Some(now),
+                will_retry_until_ms: retry_until,
+            })
+            .collect();
+        self.report(lease, &reports, now).await
     }
 
     fn log(
