@@ -239,7 +239,8 @@ pub struct ClientTimeouts {
     pub data_block: HumanDuration,
     /// The reply after the final dot. Default 10m.
     pub data_end: HumanDuration,
-    /// An unused open connection is closed after this. Default 30s.
+    /// An unused open connection is closed after this. Default 5s (an idle connection holds
+    /// one of its destination's `maxConnections` slots; Postfix keeps them 2s).
     pub idle: HumanDuration,
 }
 
@@ -253,7 +254,7 @@ impl Default for ClientTimeouts {
             data_start: s(120),
             data_block: s(180),
             data_end: s(600),
-            idle: s(30),
+            idle: s(5),
         }
     }
 }
