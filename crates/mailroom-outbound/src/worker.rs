@@ -477,6 +477,23 @@ impl Inner {
                     Err(at) => return Step::Postpone(at),
                 },
             };
+            if !was_pooled && let Some(name) = self.loops_back(&conn.conn) {
+                self.pool.close(conn);
+                return Step::Tried(Attempt {
+                    host: Some(target.host.clone()),
+                    addr: Some(target.addr),
+                    ..Attempt::everyone(
+                        recipients,
+                        RecipientOutcome::Permanent {
+                            response: format!(
+                                "mail for {} loops back to myself ({} at {} greets as {name})",
+                                lease.key.domain, target.host, target.addr
+                            ),
+                            status: (5, 4, 6),
+                        },
+                    )
+                });
+            }
             // The message rate is taken only with a connection in hand, so that an entry
             // held back by the connection limit does not use up rate.
             if let Some(at) = self.message_rate(dest).await {
@@ -539,6 +556,17 @@ impl Inner {
             recipients,
             RecipientOutcome::Transient { response },
         ))
+    }
+
+    /// The server's name when it is this system's own (its EHLO greeting names our host name
+    /// or HELO name): delivering there would loop (RFC 5321 §5.1).
+    fn loops_back(&self, conn: &Connection) -> Option<String> {
+        let banner = &conn.capabilities().banner;
+        let name = banner.split_whitespace().next()?.trim_end_matches('.');
+        let ours = [self.deps.hostname.as_str(), self.client.helo_name.as_str()];
+        ours.iter()
+            .any(|o| o.eq_ignore_ascii_case(name))
+            .then(|| name.to_string())
     }
 
     /// Takes one unit of the destination's message rate: `None` to go on, `Some(at)` when the

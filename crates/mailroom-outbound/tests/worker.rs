@@ -35,6 +35,10 @@ struct Receiver {
 
 impl Receiver {
     async fn start(addr: SocketAddr, domains: &[&str]) -> Receiver {
+        Self::start_named(addr, domains, &format!("mx.{}", domains[0])).await
+    }
+
+    async fn start_named(addr: SocketAddr, domains: &[&str], hostname: &str) -> Receiver {
         let dir = tempfile::tempdir().expect("tempdir");
         let queue = Arc::new(
             LocalQueue::open(dir.path().join("spool"), LocalOptions::default())
@@ -43,7 +47,7 @@ impl Receiver {
         );
         let mut spec = ListenerSpec::new("mx", addr.to_string());
         spec.accepted_domains = domains.iter().map(|d| d.to_string()).collect();
-        spec.hostname = Some(format!("mx.{}", domains[0]));
+        spec.hostname = Some(hostname.to_string());
         let deps = InboundDeps {
             queue: Arc::clone(&queue) as Arc<dyn Queue>,
             delivery_log: DeliveryLog::discard(),
@@ -748,6 +752,42 @@ async fn signs_with_the_from_domains_dkim_key() {
     assert!(
         !unsigned.contains("DKIM-Signature:"),
         "no key for elsewhere.test"
+    );
+    sender.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_that_would_loop_back_to_this_host_bounces() {
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("loop.test", 10, "mx.loop.test")
+        .a("mx.loop.test", "127.0.1.11");
+    let dns = DnsServer::start(zone).expect("dns");
+    // The MX greets with our own host name: delivering there would loop.
+    let receiver = Receiver::start_named(
+        SocketAddr::from(([127, 0, 1, 11], port)),
+        &["loop.test"],
+        "sender.test",
+    )
+    .await;
+    let sender = Sender::start(&policy(&dns, port)).await;
+    sender
+        .queue
+        .enqueue(message("", &["r@loop.test"], "Subject: loop\r\n\r\nx\r\n"))
+        .await
+        .expect("enqueue");
+    assert!(sender.wait_empty(Duration::from_secs(10)).await);
+    let log = sender.log_events();
+    let bounced = events(&log, "bounce");
+    assert_eq!(bounced.len(), 1, "{log:?}");
+    let response = bounced[0]["response"].as_str().unwrap_or_default();
+    assert!(response.contains("loops back to myself"), "{response}");
+    assert!(
+        receiver
+            .wait_for(1, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "nothing sent"
     );
     sender.stop().await;
 }
