@@ -317,6 +317,10 @@ pub struct DestinationSpec {
     /// the same provider share its limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mx_suffixes: Vec<String>,
+    /// STARTTLS towards this destination's MX hosts, overriding the policy's `tls` (e.g.
+    /// `required` for a partner that must get encrypted mail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTlsMode>,
     /// The limits.
     #[serde(flatten)]
     pub limits: ShapingLimits,

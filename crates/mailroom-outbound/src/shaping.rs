@@ -47,6 +47,8 @@ pub struct Destination {
     pub key: String,
     /// The limits.
     pub limits: ShapingLimits,
+    /// The destination's own TLS mode, overriding the policy's.
+    pub tls: Option<mailroom_config::OutboundTlsMode>,
 }
 
 impl Destination {
@@ -68,12 +70,14 @@ impl Destination {
                 return Destination {
                     key: format!("dest:{}", dest.name),
                     limits: dest.limits.clone(),
+                    tls: dest.tls,
                 };
             }
         }
         Destination {
             key: format!("domain:{domain}"),
             limits: policy.default_limits.clone(),
+            tls: None,
         }
     }
 }

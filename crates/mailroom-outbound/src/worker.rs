@@ -629,7 +629,7 @@ impl Inner {
             .limits
             .max_messages_per_connection
             .unwrap_or(self.spec.max_messages_per_connection);
-        match self.connect(target).await {
+        match self.connect(target, dest).await {
             Ok(conn) => Ok(Ok(Conn {
                 conn,
                 slot,
@@ -644,13 +644,31 @@ impl Inner {
         }
     }
 
-    /// Connects; under opportunistic TLS a failed handshake is retried once in plaintext (as
-    /// Postfix's `may` level does).
-    async fn connect(&self, target: &Target) -> Result<Connection, ClientError> {
-        let result = match Connection::connect(target, &self.client).await {
-            Err(ClientError::Tls { .. }) if self.client.tls == TlsPolicy::Opportunistic => {
+    /// Connects with the destination's TLS mode (for MX delivery; a relay keeps its own);
+    /// under opportunistic TLS a failed handshake is retried once in plaintext (as Postfix's
+    /// `may` level does).
+    async fn connect(
+        &self,
+        target: &Target,
+        dest: &Destination,
+    ) -> Result<Connection, ClientError> {
+        let overridden;
+        let config = match (dest.tls, &self.routing) {
+            (Some(mode), Routing::Mx { .. }) if TlsPolicy::from(mode) != self.client.tls => {
+                let mut c = self.client.clone();
+                c.tls = mode.into();
+                if mode == OutboundTlsMode::Required && c.roots.is_empty() {
+                    c.roots = system_roots();
+                }
+                overridden = c;
+                &overridden
+            }
+            _ => &self.client,
+        };
+        let result = match Connection::connect(target, config).await {
+            Err(ClientError::Tls { .. }) if config.tls == TlsPolicy::Opportunistic => {
                 tracing::info!(host = %target.host, addr = %target.addr, "STARTTLS failed; retrying without TLS (opportunistic)");
-                let mut plain = self.client.clone();
+                let mut plain = config.clone();
                 plain.tls = TlsPolicy::Disabled;
                 Connection::connect(target, &plain).await
             }

@@ -602,6 +602,7 @@ async fn three_workers_share_connection_and_rate_limits_through_jetstream() {
         name: "shaped".into(),
         domains: vec!["shaped.test".into()],
         mx_suffixes: vec![],
+        tls: None,
         limits: ShapingLimits {
             max_connections: Some(2),
             rate: Some("20/s".parse().expect("rate")),
@@ -788,6 +789,68 @@ async fn mail_that_would_loop_back_to_this_host_bounces() {
             .await
             .is_empty(),
         "nothing sent"
+    );
+    sender.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_can_require_tls() {
+    use mailroom_config::{DestinationSpec, OutboundTlsMode};
+    let port = free_port();
+    let zone = Zone::new()
+        .mx("strict.test", 10, "mx.plain.test")
+        .mx("lax.test", 10, "mx.plain.test")
+        .a("mx.plain.test", "127.0.1.12");
+    let dns = DnsServer::start(zone).expect("dns");
+    // A receiver without STARTTLS.
+    let receiver = Receiver::start(
+        SocketAddr::from(([127, 0, 1, 12], port)),
+        &["strict.test", "lax.test"],
+    )
+    .await;
+    let mut p = policy(&dns, port);
+    p.destinations = vec![DestinationSpec {
+        name: "strict".into(),
+        domains: vec!["strict.test".into()],
+        tls: Some(OutboundTlsMode::Required),
+        ..DestinationSpec::default()
+    }];
+    let sender = Sender::start(&p).await;
+    let strict = message(
+        "a@client.test",
+        &["r@strict.test"],
+        "Subject: s\r\n\r\nx\r\n",
+    );
+    let strict_id = strict.envelope.id;
+    sender.queue.enqueue(strict).await.expect("enqueue");
+    sender
+        .queue
+        .enqueue(message(
+            "a@client.test",
+            &["r@lax.test"],
+            "Subject: l\r\n\r\nx\r\n",
+        ))
+        .await
+        .expect("enqueue");
+    let got = receiver.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 1, "only lax.test goes out in plaintext");
+    assert_eq!(got[0].envelope.recipients[0].address, "r@lax.test");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let entries = sender.queue.entries(strict_id).await.expect("entries");
+        if entries.first().is_some_and(|e| e.state.attempts >= 1) || Instant::now() > deadline {
+            break entries;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let last = state[0].state.last_response.clone().unwrap_or_default();
+    assert!(
+        last.to_ascii_lowercase().contains("starttls"),
+        "deferred for want of TLS: {last}"
+    );
+    assert_eq!(
+        receiver.wait_for(2, Duration::from_millis(500)).await.len(),
+        1
     );
     sender.stop().await;
 }
