@@ -142,6 +142,13 @@ pub trait ShapingStore: Send + Sync {
     async fn refresh_slot(&self, slot: &mut Slot) -> Result<bool, ShapingError>;
     /// Gives a slot back.
     async fn release_slot(&self, slot: Slot);
+    /// How often a delivery waiting for a free slot asks again (cheap in memory, a round trip
+    /// per slot in KV).
+    fn slot_poll(&self) -> Duration;
+    /// How long a delivery waits for a free slot before its entry goes back to the queue. In
+    /// one process a waiting delivery gets the next slot freed; across a cluster, entries held
+    /// in waits would starve the workers that own the connections, so there it is zero.
+    fn slot_wait(&self) -> Duration;
     /// Lets one unit pass `bucket` at `rate` now (`Ok(Ok(()))`), or says how long until one
     /// can (`Ok(Err(wait))`).
     async fn take(&self, bucket: &str, rate: &Rate) -> Result<Result<(), Duration>, ShapingError>;
@@ -202,6 +209,14 @@ impl ShapingStore for MemoryStore {
 
     async fn refresh_slot(&self, _slot: &mut Slot) -> Result<bool, ShapingError> {
         Ok(true)
+    }
+
+    fn slot_poll(&self) -> Duration {
+        Duration::from_millis(5)
+    }
+
+    fn slot_wait(&self) -> Duration {
+        Duration::from_secs(2)
     }
 
     async fn release_slot(&self, slot: Slot) {
@@ -378,6 +393,14 @@ impl ShapingStore for KvStore {
             }
         }
         Ok(None)
+    }
+
+    fn slot_poll(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+
+    fn slot_wait(&self) -> Duration {
+        Duration::ZERO
     }
 
     async fn refresh_slot(&self, slot: &mut Slot) -> Result<bool, ShapingError> {

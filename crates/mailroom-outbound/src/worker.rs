@@ -599,15 +599,24 @@ impl Inner {
         let shaper = self.pool.shaper();
         let slot = match dest.limits.max_connections {
             None => None,
-            Some(max) => match self.pool.acquire(&dest.key, max).await {
-                Ok(Some(hold)) => Some(hold),
-                // All slots busy: come back soon (with jitter, so that waiting entries spread).
-                Ok(None) => return Err(later(jitter(Duration::from_millis(500)))),
-                Err(e) => {
-                    tracing::warn!(error = %e, "connection slot unavailable; trying again shortly");
-                    return Err(later(Duration::from_secs(1)));
+            Some(max) => {
+                // All slots busy: wait a little for one (connections close all the time under
+                // load), then give the entry back to the queue for a while.
+                let give_up = Instant::now() + shaper.slot_wait();
+                loop {
+                    match self.pool.acquire(&dest.key, max).await {
+                        Ok(Some(hold)) => break Some(hold),
+                        Ok(None) if Instant::now() < give_up => {
+                            tokio::time::sleep(jitter(shaper.slot_poll())).await;
+                        }
+                        Ok(None) => return Err(later(jitter(Duration::from_millis(500)))),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "connection slot unavailable; trying again shortly");
+                            return Err(later(Duration::from_secs(1)));
+                        }
+                    }
                 }
-            },
+            }
         };
         if let Some(rate) = &dest.limits.connection_rate {
             let wait = match shaper.take(&format!("conn:{}", dest.key), rate).await {
