@@ -21,6 +21,8 @@
 # Binaries: $MAILROOM_ETCD, $MAILROOM_KUBE_APISERVER, $MAILROOM_KUBE_CONTROLLER_MANAGER, $MAILROOM_HELM if set,
 # else ${MAILROOM_TOOLS_DIR:-~/.cache/mailroom/tools}/bin/<tool>, else PATH.
 # Needs openssl and curl. --keep leaves the temp dir (PKI, logs, kubeconfig) for a look.
+# SMOKE_RUN='cmd' runs a shell command with KUBECONFIG set before the teardown (e.g.
+#   SMOKE_RUN='kubectl apply -f crds/' e2e/tools/smoke-k8s.sh).
 # Flags follow ../shared/research/k8s-test-infra.md §6 (the envtest recipe).
 set -euo pipefail
 
@@ -226,6 +228,12 @@ if [ "$WITH_HELM" = 1 ]; then
   curl -fsS "${AS_ADMIN_CERT[@]}" "$API/apis/apps/v1/namespaces/smoke/deployments/smoke-smokechart" >/dev/null \
     || fail "helm install did not create deployment smoke/smoke-smokechart"
   say "   deployment smoke/smoke-smokechart exists"
+fi
+
+# ---- optional: a command of the caller against the running control plane ----
+if [ -n "${SMOKE_RUN:-}" ]; then
+  say "running SMOKE_RUN with KUBECONFIG=$RUN/admin.kubeconfig"
+  KUBECONFIG=$RUN/admin.kubeconfig bash -c "$SMOKE_RUN" || fail "SMOKE_RUN failed: $SMOKE_RUN"
 fi
 
 say "control plane OK: etcd 127.0.0.1:$ETCD_PORT, kube-apiserver $API ($GOT)"

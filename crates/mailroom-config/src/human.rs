@@ -48,7 +48,10 @@ const RATE_FORMS: &str = "a count per unit or per duration: \"10/s\", \"5/m\", \
 
 const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h|d))+$";
 const SIZE_PATTERN: &str = "^[0-9]+ ?(B|kB|KB|KiB|MB|MiB|GB|GiB)?$";
-const RATE_PATTERN: &str = "^[0-9]+ ?/ ?(ms|s|m|h|d|([0-9]+(ms|s|m|h|d))+)$";
+// The spelled-out units are those `Rate::from_str` accepts (in lowercase; the parser also takes
+// other cases, which the schema, being stricter, rejects).
+const RATE_PATTERN: &str =
+    "^[0-9]+ ?/ ?(ms|s|m|h|d|sec|second|min|minute|hr|hour|day|([0-9]+(ms|s|m|h|d))+)$";
 
 // ---------------------------------------------------------------------------------------------
 // Durations
@@ -641,6 +644,36 @@ mod tests {
         }
         for (unit, _) in SIZE_UNITS.iter().filter(|(u, _)| !u.is_empty()) {
             assert!(SIZE_PATTERN.contains(unit), "{unit}");
+        }
+    }
+
+    #[test]
+    fn rate_pattern_accepts_what_the_parser_accepts() {
+        // The CRD rejects what the pattern rejects, so a documented form must match it.
+        let pattern = regex::Regex::new(RATE_PATTERN).unwrap();
+        let good = [
+            "1000/h",
+            "10/s",
+            "5/m",
+            "100/d",
+            "20/30s",
+            "10 / s",
+            "1/1h",
+            "600/min",
+            "10000/hour",
+            "200000/day",
+            "3/sec",
+            "5/1h30m",
+        ];
+        for input in good {
+            assert!(input.parse::<Rate>().is_ok(), "{input}");
+            assert!(
+                pattern.is_match(input),
+                "{input} parses but fails the pattern"
+            );
+        }
+        for input in ["10", "/s", "10/", "10/x", "ten/s", "10/minutes"] {
+            assert!(!pattern.is_match(input), "{input}");
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct ListenerSpec {
     pub name: String,
     /// Socket address to listen on, an IP address and a port: `127.0.0.1:2525`, `0.0.0.0:25`,
     /// `[::]:25`.
+    #[schemars(length(max = 64))]
     pub address: String,
     /// `mx` (default) receives mail for `acceptedDomains` from the internet; `submission`
     /// receives mail from authenticated users of this system and requires `tls` and `auth`.

@@ -347,6 +347,13 @@ pub struct ShapingLimits {
 /// A response-driven rule.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.action != 'throttle' || has(self.rate)",
+     "message": "a throttle rule needs a rate", "fieldPath": ".rate"},
+    {"rule": "self.action == 'throttle' || !has(self.rate)",
+     "message": "a suspend rule stops delivery; remove rate or use action: throttle",
+     "fieldPath": ".rate"},
+]))]
 pub struct RuleSpec {
     /// Name in logs and `mailroom queue stats`.
     pub name: String,

@@ -1,6 +1,7 @@
 //! `mailroom`: the one binary. `serve` runs listeners and the embedded queue in one process;
-//! `check` validates a config; `queue` inspects the local spool. This is the edge where errors
-//! become `anyhow` messages for a person.
+//! `check` validates a config; `queue` inspects the local spool; `crd` prints the operator's
+//! CustomResourceDefinitions. This is the edge where errors become `anyhow` messages for a
+//! person.
 
 mod backend;
 mod queue_cmd;
@@ -48,6 +49,13 @@ enum Command {
         #[arg(long, short, env = "MAILROOM_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Print the CustomResourceDefinitions (MailListener, DeliveryPolicy) as multi-document
+    /// YAML, or write them into a directory.
+    Crd {
+        /// Write one file per CRD into this directory (default `crds`) instead of printing.
+        #[arg(long, num_args = 0..=1, default_missing_value = "crds", value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
     /// Inspect the local spool.
     Queue {
         /// Config file naming the spool (queue.local.path).
@@ -75,6 +83,24 @@ pub(crate) fn load_config(
     loaded.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
+/// `mailroom crd`: prints every CRD, or writes them into `dir`.
+fn crd(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match dir {
+        None => {
+            print!("{}", mailroom_operator::generate::all_yaml()?);
+        }
+        Some(dir) => {
+            let written = mailroom_operator::generate::write_files(dir)
+                .with_context(|| format!("writing CRDs into {}", dir.display()))?;
+            for path in written {
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -82,6 +108,7 @@ fn main() -> ExitCode {
         Command::Inbound { config } => serve::run_inbound(&config),
         Command::Outbound { config, policy } => serve::run_outbound(&config, policy.as_deref()),
         Command::Check { config } => serve::check(config.as_deref()),
+        Command::Crd { write } => crd(write.as_deref()),
         Command::Queue {
             config,
             spool,
