@@ -3,14 +3,57 @@
 
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 use crate::crd::{DeliveryPolicy, MailListener};
 
 /// Every CRD of the operator, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![MailListener::crd(), DeliveryPolicy::crd()]
+    let mut crds = vec![MailListener::crd(), DeliveryPolicy::crd()];
+    for crd in &mut crds {
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                kube_formats(schema);
+            }
+        }
+    }
+    crds
+}
+
+/// Rewrites the integer formats schemars emits for Rust's unsigned types (`uint8` ... `uint64`),
+/// which the apiserver does not know (it warns on every apply), into the OpenAPI ones:
+/// `int32` when the values fit, `int64` for `uint32`, none for `uint64` (`minimum: 0` stays).
+fn kube_formats(schema: &mut JSONSchemaProps) {
+    schema.format = match schema.format.take().as_deref() {
+        Some("uint8" | "uint16" | "int8" | "int16") => Some("int32".to_string()),
+        Some("uint32") => Some("int64".to_string()),
+        Some("uint64" | "uint" | "int" | "uint128" | "int128") => None,
+        other => other.map(str::to_string),
+    };
+    for child in schema.properties.iter_mut().flat_map(|p| p.values_mut()) {
+        kube_formats(child);
+    }
+    match &mut schema.items {
+        Some(JSONSchemaPropsOrArray::Schema(item)) => kube_formats(item),
+        Some(JSONSchemaPropsOrArray::Schemas(items)) => items.iter_mut().for_each(kube_formats),
+        None => {}
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = &mut schema.additional_properties {
+        kube_formats(extra);
+    }
+    for list in [&mut schema.all_of, &mut schema.any_of, &mut schema.one_of]
+        .into_iter()
+        .flatten()
+    {
+        list.iter_mut().for_each(kube_formats);
+    }
 }
 
 /// One CRD as a YAML document (without the `---` separator).

@@ -454,3 +454,27 @@ fn rate_strings_are_checked_by_pattern() {
         assert!(!pattern.is_match(bad), "{bad}");
     }
 }
+
+#[test]
+fn crd_formats_are_ones_the_apiserver_knows() {
+    // kube-apiserver warns on every apply about formats it does not know (uint32, ...).
+    let known = [
+        "int32",
+        "int64",
+        "float",
+        "double",
+        "byte",
+        "date",
+        "date-time",
+        "password",
+    ];
+    let yaml = crate::generate::all_yaml().expect("yaml");
+    for line in yaml.lines() {
+        if let Some(format) = line.trim().strip_prefix("format: ") {
+            assert!(
+                known.contains(&format),
+                "unknown format {format:?} in the CRDs"
+            );
+        }
+    }
+}
