@@ -26,12 +26,18 @@ impl Index {
         self.entries.insert(summary.id, summary);
     }
 
-    /// Re-summarizes an entry after some of its recipients are done (`envelope` holds the
-    /// pending ones); the size stays.
-    pub(crate) fn update_recipients(&mut self, envelope: &crate::Envelope) {
-        if let Some(size) = self.entries.get(&envelope.id).map(|e| e.size) {
-            self.insert(EntrySummary::of(envelope, size));
-        }
+    /// Re-summarizes an entry after some of its recipients are done (`pending` are the ones
+    /// left); sender, size and reception time stay.
+    pub(crate) fn set_recipients(&mut self, id: QueueId, pending: &[crate::Recipient]) {
+        let Some(mut summary) = self.entries.get(&id).cloned() else {
+            return;
+        };
+        let mut domains: Vec<String> = pending.iter().map(|r| r.domain.clone()).collect();
+        domains.sort();
+        domains.dedup();
+        summary.recipients = pending.len();
+        summary.domains = domains;
+        self.insert(summary);
     }
 
     /// Removes an entry; returns whether it was there.

@@ -326,13 +326,12 @@ impl Shared {
             let state = states
                 .remove(&envelope.id)
                 .and_then(|path| self.read_state(&path));
-            if let Some(state) = &state {
-                // What `list` and `stats` show follows the pending recipients.
-                let mut pending = envelope.clone();
-                pending.recipients = state.pending_recipients(&envelope);
-                index.update_recipients(&pending);
-            }
+            let has_state = state.is_some();
             sched.insert(&envelope, state);
+            if has_state && let Some(pending) = sched.pending(envelope.id) {
+                // What `list` and `stats` show follows the pending recipients.
+                index.set_recipients(envelope.id, &pending);
+            }
         }
         if !self.read_only {
             for path in states.into_values() {
@@ -600,11 +599,7 @@ impl LocalQueue {
     /// The message with only the recipients still pending in its envelope.
     fn only_pending(&self, mut message: StoredMessage) -> StoredMessage {
         if let Some(pending) = self.shared.sched().pending(message.envelope.id) {
-            let all = std::mem::take(&mut message.envelope.recipients);
-            message.envelope.recipients = pending
-                .into_iter()
-                .filter_map(|i| all.get(i).cloned())
-                .collect();
+            message.envelope.recipients = pending;
         }
         message
     }
@@ -628,20 +623,12 @@ impl LocalQueue {
                 })
                 .map_err(committer_gone)?;
                 rx.await.map_err(committer_gone)??;
-                self.refresh_summary(id, &state);
+                let pending = self.shared.sched().pending(id);
+                if let Some(pending) = pending {
+                    self.shared.index().set_recipients(id, &pending);
+                }
                 Ok(())
             }
-        }
-    }
-
-    /// Re-summarizes a message in the index after its pending recipients changed.
-    fn refresh_summary(&self, id: QueueId, state: &StateFile) {
-        // The envelope is small (the header and JSON are read, not the body); reading it back
-        // keeps recipient lists out of the index.
-        if let Ok((envelope, _)) = format::read_envelope(&self.shared.entry_path(id)) {
-            let mut pending = envelope.clone();
-            pending.recipients = state.pending_recipients(&envelope);
-            self.shared.index().update_recipients(&pending);
         }
     }
 

@@ -345,6 +345,12 @@ impl Sched {
             at_ms
         };
         let due_at = d.state.next_attempt_ms;
+        self.refile(key, old, due_at);
+        Ok(Persist::State(self.state_file(key.id)))
+    }
+
+    /// Moves an entry whose lease `old` ended from the held set to its policy's due set.
+    fn refile(&mut self, key: &EntryKey, old: Held, due_at: u64) {
         self.held
             .remove(&(old.deadline, key.id, key.domain.clone()));
         let policy = self
@@ -356,7 +362,6 @@ impl Sched {
             .entry(policy)
             .or_default()
             .insert((due_at, key.id, key.domain.clone()));
-        Ok(Persist::State(self.state_file(key.id)))
     }
 
     /// Ends a lease without an attempt: the entry is due again at `at_ms`, its state unchanged
@@ -372,17 +377,7 @@ impl Sched {
         let before = d.state.next_attempt_ms;
         d.state.next_attempt_ms = at_ms.max(before);
         let due_at = d.state.next_attempt_ms;
-        self.held
-            .remove(&(old.deadline, key.id, key.domain.clone()));
-        let policy = self
-            .messages
-            .get(&key.id)
-            .map(|m| m.policy.clone())
-            .unwrap_or_default();
-        self.due
-            .entry(policy)
-            .or_default()
-            .insert((due_at, key.id, key.domain.clone()));
+        self.refile(key, old, due_at);
         Ok(())
     }
 
@@ -472,17 +467,22 @@ impl Sched {
         }
     }
 
-    /// The pending recipient indices of a message, in envelope order (`None`: not queued).
-    pub(crate) fn pending(&self, id: QueueId) -> Option<Vec<usize>> {
+    /// The pending recipients of a message, in envelope order (`None`: not queued).
+    pub(crate) fn pending(&self, id: QueueId) -> Option<Vec<Recipient>> {
         let message = self.messages.get(&id)?;
-        let mut all: Vec<usize> = message
+        let mut indices: Vec<usize> = message
             .domains
             .values()
             .flat_map(|d| d.pending.iter().copied())
             .collect();
-        all.sort_unstable();
-        all.dedup();
-        Some(all)
+        indices.sort_unstable();
+        indices.dedup();
+        Some(
+            indices
+                .into_iter()
+                .filter_map(|i| message.recipients.get(i).cloned())
+                .collect(),
+        )
     }
 
     /// The status of every entry of a message.
@@ -537,21 +537,6 @@ impl StateFile {
             return Err(format!("unknown state format {}", file.format));
         }
         Ok(file)
-    }
-
-    /// The recipients of `envelope` this state still has pending, in envelope order.
-    pub(crate) fn pending_recipients(&self, envelope: &Envelope) -> Vec<Recipient> {
-        let mut indices: Vec<usize> = self
-            .domains
-            .values()
-            .flat_map(|d| d.pending.iter().copied())
-            .collect();
-        indices.sort_unstable();
-        indices.dedup();
-        indices
-            .into_iter()
-            .filter_map(|i| envelope.recipients.get(i).cloned())
-            .collect()
     }
 
     /// Encodes a state file.
@@ -619,7 +604,7 @@ mod tests {
         let mut restored = Sched::default();
         restored.insert(&e, Some(parsed));
         assert_eq!(restored.entries(e.id), s.entries(e.id));
-        assert_eq!(restored.pending(e.id), Some(vec![1]));
+        assert_eq!(restored.pending(e.id), Some(vec![e.recipients[1].clone()]));
         assert!(restored.take("default", 1, now, 4999, LEASE).is_empty());
         let back = restored.take("default", 1, now, 5000, LEASE).pop().unwrap();
         assert_eq!(back.state.attempts, 1);
