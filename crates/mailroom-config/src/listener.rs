@@ -18,7 +18,9 @@ use crate::schema;
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerSpec {
     /// Name of the listener, used in logs and metrics: lowercase letters, digits and `-`,
-    /// 1 to 63 characters, starting and ending with a letter or digit.
+    /// 1 to 63 characters, starting and ending with a letter or digit. Required in a config
+    /// file; a `MailListener` takes it from its `metadata.name`.
+    #[serde(default)]
     pub name: String,
     /// Socket address to listen on, an IP address and a port: `127.0.0.1:2525`, `0.0.0.0:25`,
     /// `[::]:25`.

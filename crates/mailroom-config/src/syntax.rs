@@ -57,6 +57,9 @@ fn check_label(label: &str) -> Result<(), String> {
 /// Checks a listener name: lowercase letters, digits and `-`, 1 to 63 characters, starting
 /// and ending with a letter or digit (a DNS label, so it can name Kubernetes objects).
 pub fn check_listener_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("missing: set a name (lowercase letters, digits or '-')".to_owned());
+    }
     let ok = (1..=63).contains(&name.len())
         && name
             .bytes()

@@ -200,9 +200,15 @@ fn wrong_types_name_path_and_position() {
 #[test]
 fn missing_required_field_and_yaml_syntax_errors() {
     assert_problem(
-        &problems("listeners:\n  - address: 127.0.0.1:25\n"),
+        &problems("listeners:\n  - name: smtp\n"),
         "listeners[0]",
-        "missing field `name`",
+        "missing field `address`",
+    );
+    // `name` has a default (a MailListener takes it from metadata.name); a file still needs it.
+    assert_problem(
+        &problems("listeners:\n  - address: 127.0.0.1:25\n"),
+        "listeners[0].name",
+        "missing: set a name",
     );
     assert_problem(&problems("listeners: [\n"), "listeners", "line 1");
     assert_problem(
@@ -651,4 +657,22 @@ fn rules_load_and_are_checked() {
     assert_problem(&found, "policies[0].rules[0].duration", "above 0s");
     assert_problem(&found, "policies[0].rules[0].rate", "needs a rate");
     assert_problem(&found, "policies[0].rules[1].rate", "remove rate");
+}
+
+#[test]
+fn with_jetstream_a_listener_may_name_a_policy_defined_elsewhere() {
+    // An inbound pod's file has no policies: the policy's workers run in other pods.
+    let yaml = "listeners:\n  - name: smtp\n    address: 0.0.0.0:2525\n    acceptedDomains: [example.test]\n    deliveryPolicy: bulk\nqueue:\n  jetstream: { urls: [\"nats://127.0.0.1:4222\"] }\n";
+    let config = load_str(yaml, "t.yaml").unwrap();
+    assert_eq!(config.listeners[0].delivery_policy, "bulk");
+    // With the embedded queue this process delivers everything, so the policy must be here.
+    let local = yaml.replace(
+        "  jetstream: { urls: [\"nats://127.0.0.1:4222\"] }\n",
+        "  local: {}\n",
+    );
+    assert_problem(
+        &problems(&local),
+        "listeners[0].deliveryPolicy",
+        "\"bulk\" is not a policy here",
+    );
 }

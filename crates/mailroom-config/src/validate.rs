@@ -123,6 +123,12 @@ fn check_policies(config: &Config, p: &mut Problems) {
         }
         check_policy(policy, &at, p);
     }
+    // With the embedded queue this process is the only one that delivers, so every listener's
+    // policy must be here. With JetStream the policy's workers may run elsewhere (an inbound
+    // pod's config carries no policies at all).
+    if config.queue.jetstream.is_some() {
+        return;
+    }
     let known: Vec<String> = config
         .effective_policies()
         .into_iter()

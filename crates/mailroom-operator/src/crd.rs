@@ -302,11 +302,11 @@ pub struct MailListenerStatus {
         .message("dkim needs dkimSecretRef: each keyFile names a key of that Secret")
         .field_path(".dkimSecretRef"),
     validation = Rule::new(
-        "!has(self.routing) || !has(self.routing.relay) || \
-         !has(self.routing.relay.passwordFile) || has(self.relayPasswordSecretRef)"
+        "!has(self.routing) || !has(self.routing.relay) || has(self.relaySecretRef) || \
+         (!has(self.routing.relay.passwordFile) && !has(self.routing.relay.caFile))"
     )
-    .message("routing.relay.passwordFile needs relayPasswordSecretRef: it names a key of that Secret")
-    .field_path(".relayPasswordSecretRef")
+    .message("routing.relay.passwordFile and caFile need relaySecretRef: they name keys of that Secret")
+    .field_path(".relaySecretRef")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DeliveryPolicyResourceSpec {
@@ -322,29 +322,34 @@ pub struct DeliveryPolicyResourceSpec {
     /// Secret holding the DKIM private keys; each `dkim[].keyFile` names one of its keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim_secret_ref: Option<SecretRef>,
-    /// Secret holding the relay's AUTH password; `routing.relay.passwordFile` names its key.
+    /// Secret holding the relay's AUTH password and CA certificate;
+    /// `routing.relay.passwordFile` and `routing.relay.caFile` name its keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relay_password_secret_ref: Option<SecretRef>,
+    pub relay_secret_ref: Option<SecretRef>,
 }
 
 /// Autoscaling bounds of a policy's delivery workers.
 #[derive(KubeSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[x_kube(validation = Rule::new("self.min <= self.max").message("workers.min must not exceed workers.max"))]
+#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas")
+    .message("workers.minReplicas must not exceed workers.maxReplicas"))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerBounds {
     /// Fewest workers, also with an empty queue. 0 stops delivery when idle. Default 1.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
-    pub min: i32,
+    pub min_replicas: i32,
     /// Most workers. Default 1.
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
-    pub max: i32,
+    pub max_replicas: i32,
 }
 
 impl Default for WorkerBounds {
     fn default() -> Self {
-        Self { min: 1, max: 1 }
+        Self {
+            min_replicas: 1,
+            max_replicas: 1,
+        }
     }
 }
 

@@ -21,10 +21,26 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
                 kube_formats(schema);
+                drop_spec_name(schema);
             }
         }
     }
     crds
+}
+
+/// Removes `spec.name`, which both specs get from the shared model: in a custom resource the
+/// name is `metadata.name`, so the field would only be a second, conflicting source. The
+/// apiserver prunes it when a user sets it anyway.
+fn drop_spec_name(root: &mut JSONSchemaProps) {
+    let Some(spec) = root.properties.as_mut().and_then(|p| p.get_mut("spec")) else {
+        return;
+    };
+    if let Some(properties) = spec.properties.as_mut() {
+        properties.remove("name");
+    }
+    if let Some(required) = spec.required.as_mut() {
+        required.retain(|field| field != "name");
+    }
 }
 
 /// Rewrites the integer formats schemars emits for Rust's unsigned types (`uint8` ... `uint64`),

@@ -6,6 +6,7 @@
 
 pub mod crd;
 pub mod generate;
+pub mod render;
 
 pub use crd::{
     Backlog, DeliveryPolicy, DeliveryPolicyResourceSpec, DeliveryPolicyStatus, ListenerService,

@@ -324,7 +324,7 @@ fn policy(spec: Value) -> Value {
 #[test]
 fn listener_cel_rules_accept_a_full_listener() {
     let ok = listener(json!({
-        "name": "mx", "address": "0.0.0.0:2525", "acceptedDomains": ["example.test"],
+        "address": "0.0.0.0:2525", "acceptedDomains": ["example.test"],
         "tls": {"certFile": "tls.crt", "keyFile": "tls.key"}, "tlsSecretRef": {"name": "mx-tls"},
         "auth": {"usersFile": "users"}, "usersSecretRef": {"name": "mx-users"},
         "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
@@ -334,7 +334,7 @@ fn listener_cel_rules_accept_a_full_listener() {
         cel_failures(&MailListener::crd(), &ok),
         Vec::<String>::new()
     );
-    let ipv6 = listener(json!({"name": "mx", "address": "[::]:25"}));
+    let ipv6 = listener(json!({"address": "[::]:25"}));
     assert_eq!(
         cel_failures(&MailListener::crd(), &ipv6),
         Vec::<String>::new()
@@ -342,48 +342,43 @@ fn listener_cel_rules_accept_a_full_listener() {
     // The object deserializes into the Rust type too.
     let typed: MailListener = serde_json::from_value(ok).unwrap();
     assert_eq!(typed.spec.service.ports.len(), 2);
-    assert_eq!(typed.spec.listener.name, "mx");
+    assert_eq!(typed.spec.listener.address, "0.0.0.0:2525");
+    assert_eq!(
+        typed.spec.listener.name, "",
+        "the name comes from metadata.name"
+    );
 }
 
 #[test]
 fn listener_cel_rules_reject_bad_ports_and_missing_secrets() {
     let cases = [
+        (json!({"address": "0.0.0.0:0"}), "address must be"),
+        (json!({"address": "0.0.0.0:70000"}), "address must be"),
+        (json!({"address": "localhost:25"}), "address must be"),
         (
-            json!({"name": "mx", "address": "0.0.0.0:0"}),
-            "address must be",
-        ),
-        (
-            json!({"name": "mx", "address": "0.0.0.0:70000"}),
-            "address must be",
-        ),
-        (
-            json!({"name": "mx", "address": "localhost:25"}),
-            "address must be",
-        ),
-        (
-            json!({"name": "mx", "address": "0.0.0.0:25", "service": {"ports": [{"name": "smtp", "port": 70000}]}}),
+            json!({"address": "0.0.0.0:25", "service": {"ports": [{"name": "smtp", "port": 70000}]}}),
             "port must be from 1 to 65535",
         ),
         (
-            json!({"name": "mx", "address": "0.0.0.0:25",
+            json!({"address": "0.0.0.0:25",
                    "service": {"ports": [{"name": "smtp", "port": 25}, {"name": "smtp", "port": 2525}]}}),
             "port names must be unique",
         ),
         (
-            json!({"name": "mx", "address": "0.0.0.0:25",
+            json!({"address": "0.0.0.0:25",
                    "service": {"ports": [{"name": "a", "port": 25}, {"name": "b", "port": 25}]}}),
             "ports must be unique",
         ),
         (
-            json!({"name": "mx", "address": "0.0.0.0:25", "service": {"type": "ClusterIP", "externalTrafficPolicy": "Local"}}),
+            json!({"address": "0.0.0.0:25", "service": {"type": "ClusterIP", "externalTrafficPolicy": "Local"}}),
             "externalTrafficPolicy applies",
         ),
         (
-            json!({"name": "mx", "address": "0.0.0.0:25", "tls": {"certFile": "a", "keyFile": "b"}}),
+            json!({"address": "0.0.0.0:25", "tls": {"certFile": "a", "keyFile": "b"}}),
             "tls needs tlsSecretRef",
         ),
         (
-            json!({"name": "mx", "address": "0.0.0.0:25", "auth": {"usersFile": "users"}}),
+            json!({"address": "0.0.0.0:25", "auth": {"usersFile": "users"}}),
             "auth needs usersSecretRef",
         ),
     ];
@@ -400,21 +395,21 @@ fn listener_cel_rules_reject_bad_ports_and_missing_secrets() {
 fn policy_cel_rules() {
     let crd = DeliveryPolicy::crd();
     let ok = policy(json!({
-        "workers": {"min": 1, "max": 4},
+        "workers": {"minReplicas": 1, "maxReplicas": 4},
         "routing": {"relay": {"host": "smtp.example.test", "user": "u", "passwordFile": "password"}},
-        "relayPasswordSecretRef": {"name": "relay"},
+        "relaySecretRef": {"name": "relay"},
         "dkim": [{"domain": "example.test", "selector": "s1", "keyFile": "s1.pem"}],
         "dkimSecretRef": {"name": "dkim"},
         "rules": [{"name": "slow", "pattern": "^421", "action": "throttle", "duration": "10m", "rate": "10/min"}],
     }));
     assert_eq!(cel_failures(&crd, &ok), Vec::<String>::new());
     let typed: DeliveryPolicy = serde_json::from_value(ok).unwrap();
-    assert_eq!(typed.spec.workers.max, 4);
+    assert_eq!(typed.spec.workers.max_replicas, 4);
     assert_eq!(typed.spec.policy.dkim.len(), 1);
     let cases = [
         (
-            json!({"workers": {"min": 5, "max": 2}}),
-            "workers.min must not exceed workers.max",
+            json!({"workers": {"minReplicas": 5, "maxReplicas": 2}}),
+            "workers.minReplicas must not exceed workers.maxReplicas",
         ),
         (
             json!({"dkim": [{"domain": "example.test", "selector": "s1", "keyFile": "k"}]}),
@@ -422,7 +417,11 @@ fn policy_cel_rules() {
         ),
         (
             json!({"routing": {"relay": {"host": "relay", "passwordFile": "p"}}}),
-            "passwordFile needs relayPasswordSecretRef",
+            "passwordFile and caFile need relaySecretRef",
+        ),
+        (
+            json!({"routing": {"relay": {"host": "relay", "caFile": "ca.crt"}}}),
+            "passwordFile and caFile need relaySecretRef",
         ),
         (
             json!({"rules": [{"name": "r", "pattern": "x", "action": "throttle", "duration": "1m"}]}),
