@@ -12,7 +12,7 @@
 # works; progress goes to stderr.
 #
 # Usage: e2e/tools/build.sh [--force] [tool...|all]
-#   no tool named: the tools in TOOLS (what CI builds on every run: nats-server)
+#   no tool named: the tools in TOOLS (nats-server); CI names the Kubernetes test tools too
 #   by name only (not in CI yet; a cold build takes minutes, see README.md):
 #     etcd kube-apiserver kube-controller-manager kubectl helm
 #   all: both lists

@@ -1,13 +1,17 @@
 //! Finding the third-party binaries that `e2e/tools/build.sh` builds.
 //!
-//! Lookup order for each tool:
-//! 1. its environment variable (`MAILROOM_NATS_SERVER`), which must then be an executable file;
-//! 2. the tools cache `${MAILROOM_TOOLS_DIR:-$HOME/.cache/mailroom/tools}`: first the version
-//!    pinned in `e2e/tools/go.mod`, else the newest `<tool>-v*/bin/<tool>` there;
+//! Lookup order for each [`Tool`]:
+//! 1. its environment variable (e.g. `MAILROOM_NATS_SERVER`, `MAILROOM_KUBE_APISERVER`), which
+//!    must then be an executable file;
+//! 2. the tools cache `${MAILROOM_TOOLS_DIR:-$HOME/.cache/mailroom/tools}`: first
+//!    `<tool>-<version>/bin/<tool>` for the version pinned in the tool's `go.mod` under
+//!    `e2e/tools/`, then `bin/<tool>` (build.sh's link to the version it built last), else the
+//!    newest `<tool>-v*/bin/<tool>` there;
 //! 3. `<tool>` on `PATH`.
 
 use std::env;
 use std::ffi::OsString;
+use std::fmt;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -19,11 +23,105 @@ pub const NATS_SERVER_ENV: &str = "MAILROOM_NATS_SERVER";
 /// Environment variable overriding the tools cache root.
 pub const TOOLS_DIR_ENV: &str = "MAILROOM_TOOLS_DIR";
 
-const NATS_MODULE: &str = "github.com/nats-io/nats-server/v2";
+/// The command that builds the Kubernetes test tools into the cache.
+const BUILD_KUBE_TOOLS: &str =
+    "e2e/tools/build.sh etcd kube-apiserver kube-controller-manager kubectl";
 
-/// The Go module file that pins the tool versions (read at run time, from this source tree).
-fn tools_go_mod() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../e2e/tools/go.mod")
+/// A third-party binary that `e2e/tools/build.sh` builds and the testkit runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Tool {
+    /// `nats-server` (pinned in `e2e/tools/go.mod`).
+    NatsServer,
+    /// `etcd` (pinned in `e2e/tools/etcd/go.mod`).
+    Etcd,
+    /// `kube-apiserver` (pinned in `e2e/tools/k8s/go.mod`).
+    KubeApiserver,
+    /// `kube-controller-manager` (pinned in `e2e/tools/k8s/go.mod`).
+    KubeControllerManager,
+    /// `kubectl` (pinned in `e2e/tools/k8s/go.mod`).
+    Kubectl,
+}
+
+impl Tool {
+    /// Binary (and cache dir) name, e.g. `kube-apiserver`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NatsServer => "nats-server",
+            Self::Etcd => "etcd",
+            Self::KubeApiserver => "kube-apiserver",
+            Self::KubeControllerManager => "kube-controller-manager",
+            Self::Kubectl => "kubectl",
+        }
+    }
+
+    /// The environment variable that overrides the lookup, e.g. `MAILROOM_KUBE_APISERVER`
+    /// (the names `build.sh` writes to `current.env`).
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Self::NatsServer => NATS_SERVER_ENV,
+            Self::Etcd => "MAILROOM_ETCD",
+            Self::KubeApiserver => "MAILROOM_KUBE_APISERVER",
+            Self::KubeControllerManager => "MAILROOM_KUBE_CONTROLLER_MANAGER",
+            Self::Kubectl => "MAILROOM_KUBECTL",
+        }
+    }
+
+    /// The command that builds it (shown in "not found" errors).
+    pub fn build_command(self) -> &'static str {
+        match self {
+            // Built by default (CI runs build.sh without arguments).
+            Self::NatsServer => "e2e/tools/build.sh",
+            Self::Etcd | Self::KubeApiserver | Self::KubeControllerManager | Self::Kubectl => {
+                BUILD_KUBE_TOOLS
+            }
+        }
+    }
+
+    /// The dir under `e2e/tools/` whose `go.mod` pins the tool, and the pinned module.
+    fn pin(self) -> (&'static str, &'static str) {
+        match self {
+            Self::NatsServer => ("", "github.com/nats-io/nats-server/v2"),
+            Self::Etcd => ("etcd", "go.etcd.io/etcd/server/v3"),
+            Self::KubeApiserver | Self::KubeControllerManager | Self::Kubectl => {
+                ("k8s", "k8s.io/kubernetes")
+            }
+        }
+    }
+
+    /// The version pinned for this tool in `e2e/tools/**/go.mod` (e.g. `v1.36.3`), if that file
+    /// is readable from this source tree.
+    pub fn pinned_version(self) -> Option<String> {
+        let (dir, module) = self.pin();
+        let go_mod = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../e2e/tools")
+            .join(dir)
+            .join("go.mod");
+        let text = fs::read_to_string(go_mod).ok()?;
+        module_version(&text, module)
+    }
+
+    /// Path of the binary to run (see the module docs for the lookup order).
+    ///
+    /// # Errors
+    /// [`TestkitError::BadBinaryOverride`] when the environment variable is set but not an
+    /// executable file, [`TestkitError::BinaryNotFound`] (telling which `e2e/tools/build.sh`
+    /// command builds it) when nothing is found.
+    pub fn find(self) -> Result<PathBuf> {
+        resolve(&Lookup {
+            tool: self,
+            env_value: env::var_os(self.env_var()),
+            tools_dir: default_tools_dir(),
+            pinned: self.pinned_version(),
+            path_var: env::var_os("PATH"),
+        })
+    }
+}
+
+impl fmt::Display for Tool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The tools cache root: `$MAILROOM_TOOLS_DIR`, else `$HOME/.cache/mailroom/tools`.
@@ -40,31 +138,22 @@ pub fn default_tools_dir() -> Option<PathBuf> {
 /// The nats-server version pinned in `e2e/tools/go.mod` (e.g. `v2.15.3`), if that file is
 /// readable from this source tree.
 pub fn pinned_nats_version() -> Option<String> {
-    let text = fs::read_to_string(tools_go_mod()).ok()?;
-    module_version(&text, NATS_MODULE)
+    Tool::NatsServer.pinned_version()
 }
 
-/// Path of the `nats-server` binary to run (see the module docs for the lookup order).
+/// Path of the `nats-server` binary to run: [`Tool::find`] for [`Tool::NatsServer`].
 ///
 /// # Errors
 /// [`TestkitError::BadBinaryOverride`] when `MAILROOM_NATS_SERVER` is set but not executable,
 /// [`TestkitError::BinaryNotFound`] (telling to run `e2e/tools/build.sh`) when nothing is found.
 pub fn nats_server_binary() -> Result<PathBuf> {
-    resolve(&Lookup {
-        tool: "nats-server",
-        env: NATS_SERVER_ENV,
-        env_value: env::var_os(NATS_SERVER_ENV),
-        tools_dir: default_tools_dir(),
-        pinned: pinned_nats_version(),
-        path_var: env::var_os("PATH"),
-    })
+    Tool::NatsServer.find()
 }
 
 /// Inputs of a lookup, separated from the process environment so it can be unit-tested.
 #[derive(Debug)]
 struct Lookup {
-    tool: &'static str,
-    env: &'static str,
+    tool: Tool,
     env_value: Option<OsString>,
     tools_dir: Option<PathBuf>,
     pinned: Option<String>,
@@ -72,27 +161,35 @@ struct Lookup {
 }
 
 fn resolve(l: &Lookup) -> Result<PathBuf> {
+    let (tool, env) = (l.tool.name(), l.tool.env_var());
     if let Some(value) = l.env_value.as_ref().filter(|v| !v.is_empty()) {
         let path = PathBuf::from(value);
         return if is_executable(&path) {
             Ok(path)
         } else {
-            Err(TestkitError::BadBinaryOverride { env: l.env, path })
+            Err(TestkitError::BadBinaryOverride {
+                env,
+                path,
+                build: l.tool.build_command(),
+            })
         };
     }
-    let mut searched = vec![format!("${} (unset)", l.env)];
+    let mut searched = vec![format!("${env} (unset)")];
     if let Some(dir) = &l.tools_dir {
-        if let Some(found) = find_in_cache(dir, l.tool, l.pinned.as_deref()) {
+        if let Some(found) = find_in_cache(dir, tool, l.pinned.as_deref()) {
             return Ok(found);
         }
-        searched.push(format!("{}/{}-v*/bin/{}", dir.display(), l.tool, l.tool));
+        searched.push(format!(
+            "{dir}/{tool}-v*/bin/{tool}, {dir}/bin/{tool}",
+            dir = dir.display()
+        ));
     }
     if let Some(path_var) = &l.path_var {
         for dir in env::split_paths(path_var) {
             if dir.as_os_str().is_empty() {
                 continue;
             }
-            let candidate = dir.join(l.tool);
+            let candidate = dir.join(tool);
             if is_executable(&candidate) {
                 return Ok(candidate);
             }
@@ -100,8 +197,9 @@ fn resolve(l: &Lookup) -> Result<PathBuf> {
         searched.push("PATH".to_owned());
     }
     Err(TestkitError::BinaryNotFound {
-        binary: l.tool,
-        env: l.env,
+        binary: tool,
+        env,
+        build: l.tool.build_command(),
         cache: l
             .tools_dir
             .clone()
@@ -110,7 +208,8 @@ fn resolve(l: &Lookup) -> Result<PathBuf> {
     })
 }
 
-/// `<dir>/<tool>-<pinned>/bin/<tool>` if present, else the newest `<tool>-v*` version there.
+/// `<dir>/<tool>-<pinned>/bin/<tool>` if present, else `<dir>/bin/<tool>`, else the newest
+/// `<tool>-v*` version there.
 fn find_in_cache(dir: &Path, tool: &str, pinned: Option<&str>) -> Option<PathBuf> {
     let bin_of = |version: &str| dir.join(format!("{tool}-{version}")).join("bin").join(tool);
     if let Some(version) = pinned {
@@ -118,6 +217,10 @@ fn find_in_cache(dir: &Path, tool: &str, pinned: Option<&str>) -> Option<PathBuf
         if is_executable(&bin) {
             return Some(bin);
         }
+    }
+    let current = dir.join("bin").join(tool);
+    if is_executable(&current) {
+        return Some(current);
     }
     let prefix = format!("{tool}-");
     fs::read_dir(dir)
@@ -156,13 +259,21 @@ fn version_key(version: &str) -> Option<(u64, u64, u64, bool, String)> {
     ))
 }
 
-/// The version that a go.mod requires `module` at (block or single-line `require`).
+/// The version that a go.mod requires `module` at (block or single-line `require`). Comments
+/// and `replace` directives (whose left side may name the module too) are ignored.
 fn module_version(go_mod: &str, module: &str) -> Option<String> {
     go_mod.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
+        let code = line.split_once("//").map_or(line, |(code, _)| code);
+        if code.contains("=>") || code.trim_start().starts_with("replace") {
+            return None;
+        }
+        let mut fields = code.split_whitespace();
         while let Some(field) = fields.next() {
             if field == module {
-                return fields.next().map(str::to_owned);
+                return fields
+                    .next()
+                    .filter(|v| version_key(v).is_some())
+                    .map(str::to_owned);
             }
         }
         None
@@ -185,10 +296,11 @@ mod tests {
         path
     }
 
+    const NATS_MODULE: &str = "github.com/nats-io/nats-server/v2";
+
     fn lookup(tools_dir: Option<PathBuf>, pinned: Option<&str>) -> Lookup {
         Lookup {
-            tool: "nats-server",
-            env: NATS_SERVER_ENV,
+            tool: Tool::NatsServer,
             env_value: None,
             tools_dir,
             pinned: pinned.map(str::to_owned),
@@ -225,6 +337,53 @@ mod tests {
             module_version("tool github.com/nats-io/nats-server/v2\n", NATS_MODULE),
             None
         );
+
+        // Comments and replace directives name modules too; only the require line counts.
+        let k8s = "// builds the tools below from k8s.io/kubernetes v1.36.3. Generated\n\
+                   module x\n\
+                   replace k8s.io/kubernetes => k8s.io/kubernetes v1.0.0\n\
+                   require (\n\tk8s.io/kubernetes v1.36.3 // indirect\n)\n";
+        assert_eq!(
+            module_version(k8s, "k8s.io/kubernetes").as_deref(),
+            Some("v1.36.3")
+        );
+    }
+
+    #[test]
+    fn repo_pins_the_kubernetes_tools() {
+        let kube = Tool::KubeApiserver
+            .pinned_version()
+            .expect("k8s/go.mod pin");
+        assert_eq!(
+            Tool::KubeControllerManager.pinned_version(),
+            Some(kube.clone())
+        );
+        assert_eq!(Tool::Kubectl.pinned_version(), Some(kube.clone()));
+        let (major, minor, ..) = version_key(&kube).expect("semver");
+        assert!((major, minor) >= (1, 36), "pinned {kube}");
+        let etcd = Tool::Etcd.pinned_version().expect("etcd/go.mod pin");
+        assert!(version_key(&etcd).expect("semver").0 == 3, "pinned {etcd}");
+    }
+
+    #[test]
+    fn kube_tools_explain_which_build_command_to_run() {
+        for tool in [
+            Tool::Etcd,
+            Tool::KubeApiserver,
+            Tool::KubeControllerManager,
+            Tool::Kubectl,
+        ] {
+            let mut l = lookup(None, None);
+            l.tool = tool;
+            let msg = resolve(&l).expect_err("nothing there").to_string();
+            assert!(
+                msg.contains(
+                    "e2e/tools/build.sh etcd kube-apiserver kube-controller-manager kubectl"
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains(tool.env_var()), "{msg}");
+        }
     }
 
     #[test]
@@ -249,6 +408,13 @@ mod tests {
         assert_eq!(found.expect("found"), new);
         let found = resolve(&lookup(Some(tmp.path().to_path_buf()), None));
         assert_eq!(found.expect("found"), new);
+
+        // build.sh's `bin/<tool>` link (the version it built last) beats "newest".
+        let current = fake_bin(tmp.path(), "bin/nats-server");
+        let found = resolve(&lookup(Some(tmp.path().to_path_buf()), None));
+        assert_eq!(found.expect("found"), current);
+        let found = resolve(&lookup(Some(tmp.path().to_path_buf()), Some("v2.14.9")));
+        assert_eq!(found.expect("found"), old);
     }
 
     #[test]

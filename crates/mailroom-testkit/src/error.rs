@@ -18,14 +18,16 @@ pub type Result<T, E = TestkitError> = std::result::Result<T, E>;
 pub enum TestkitError {
     /// No binary was found in the env override, the tools cache or `PATH`.
     #[error(
-        "{binary} not found (looked at: {searched}); run `e2e/tools/build.sh` to build it into \
-         {cache}, or set {env}=/path/to/{binary}"
+        "{binary} not found (looked at: {searched}); run `{build}` to build it into {cache}, \
+         or set {env}=/path/to/{binary}"
     )]
     BinaryNotFound {
         /// Binary name, e.g. `nats-server`.
         binary: &'static str,
         /// Environment variable that overrides the lookup.
         env: &'static str,
+        /// The command that builds it, e.g. `e2e/tools/build.sh`.
+        build: &'static str,
         /// The tools cache that `e2e/tools/build.sh` fills.
         cache: PathBuf,
         /// Human-readable list of the places looked at.
@@ -33,14 +35,14 @@ pub enum TestkitError {
     },
 
     /// The environment override points at something that is not an executable file.
-    #[error(
-        "{env}={path} is not an executable file; fix it or unset it and run `e2e/tools/build.sh`"
-    )]
+    #[error("{env}={path} is not an executable file; fix it or unset it and run `{build}`")]
     BadBinaryOverride {
         /// The environment variable.
         env: &'static str,
         /// Its value.
         path: PathBuf,
+        /// The command that builds the binary into the tools cache.
+        build: &'static str,
     },
 
     /// A file or directory operation failed.
@@ -62,12 +64,12 @@ pub enum TestkitError {
     },
 
     /// The process could not be spawned at all.
-    #[error("cannot spawn {binary} -c {config}: {source}")]
+    #[error("cannot spawn `{command}`: {source}")]
     Spawn {
         /// The binary.
         binary: PathBuf,
-        /// Its config file.
-        config: PathBuf,
+        /// The whole command line (binary and arguments).
+        command: String,
         /// The underlying error.
         source: io::Error,
     },
@@ -155,6 +157,58 @@ pub enum TestkitError {
         index: usize,
         /// Number of nodes.
         size: usize,
+    },
+
+    /// A process of a [`crate::KubeControlPlane`] exited or did not get ready during startup
+    /// (it was killed).
+    #[error("{component} {reason}; last lines of {log}:\n{log_tail}")]
+    ControlPlane {
+        /// `etcd`, `kube-apiserver` or `kube-controller-manager`.
+        component: &'static str,
+        /// What happened, with the last probe result.
+        reason: String,
+        /// Its log file (in the control plane's dir).
+        log: PathBuf,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+
+    /// Generating the test PKI (CA, serving and client certs, service-account key) failed.
+    #[error("cannot generate {what}: {reason}")]
+    Pki {
+        /// Which certificate or key.
+        what: &'static str,
+        /// The rcgen error as text.
+        reason: String,
+    },
+
+    /// The generated kubeconfig could not be loaded by kube-rs.
+    #[error("cannot load kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The kubeconfig file.
+        path: PathBuf,
+        /// The underlying error.
+        source: ::kube::config::KubeconfigError,
+    },
+
+    /// A kube-rs client could not be built.
+    #[error("cannot build a kube client for {server}: {source}")]
+    KubeClient {
+        /// The apiserver URL.
+        server: String,
+        /// The underlying error.
+        source: ::kube::Error,
+    },
+
+    /// A command (e.g. kubectl) exited unsuccessfully.
+    #[error("`{command}` failed with {status}:\n{stderr}")]
+    CommandFailed {
+        /// The whole command line.
+        command: String,
+        /// Exit status as text.
+        status: String,
+        /// Its stderr (and stdout, if stderr is empty).
+        stderr: String,
     },
 
     /// A builder option that cannot work.

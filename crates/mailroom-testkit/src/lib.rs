@@ -5,10 +5,13 @@
 //!   ports, with `stop`, `kill` (SIGKILL) and `restart` on the same ports and store dir.
 //! * [`NatsCluster`]: N routed `nats-server` nodes with clustered JetStream; kill and restart
 //!   single nodes.
+//! * [`KubeControlPlane`]: etcd + kube-apiserver (+ kube-controller-manager) with a generated
+//!   PKI and RBAC on, an admin kubeconfig, a kube-rs client and kubectl ("envtest for Rust").
 //!
 //! The binaries are not downloaded at test time. `e2e/tools/build.sh` builds them once from the
 //! Go module proxy into `${MAILROOM_TOOLS_DIR:-~/.cache/mailroom/tools}/<tool>-<version>/bin/`,
-//! and [`nats_server_binary`] finds them there (or through `MAILROOM_NATS_SERVER`, or on `PATH`).
+//! and [`Tool::find`] finds them there (or through `MAILROOM_NATS_SERVER`, `MAILROOM_ETCD`, ...,
+//! or on `PATH`).
 //!
 //! ```no_run
 //! # fn main() -> Result<(), mailroom_testkit::TestkitError> {
@@ -26,13 +29,16 @@
 mod binary;
 mod dns;
 mod error;
+mod kube;
 mod nats;
 mod nats_cluster;
 mod net;
 mod process;
 
+pub use crate::kube::{KubeControlPlane, KubeControlPlaneBuilder};
 pub use binary::{
-    NATS_SERVER_ENV, TOOLS_DIR_ENV, default_tools_dir, nats_server_binary, pinned_nats_version,
+    NATS_SERVER_ENV, TOOLS_DIR_ENV, Tool, default_tools_dir, nats_server_binary,
+    pinned_nats_version,
 };
 pub use dns::{DEFAULT_TTL, DnsServer, Zone};
 pub use error::{Result, TestkitError};

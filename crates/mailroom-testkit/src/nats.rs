@@ -573,7 +573,6 @@ impl NatsServer {
         let process = ChildProcess::spawn(
             &self.binary,
             &[Path::new("-c"), config.as_path()],
-            &config,
             &self.log_path(),
         )?;
         self.process = Some(process);

@@ -1,11 +1,13 @@
-//! Loopback helpers: free port reservation and a tiny blocking HTTP/1.0 GET for monitoring
-//! endpoints (no HTTP client dependency).
+//! Loopback helpers: free port reservation and a tiny blocking HTTP/1.0 GET (plain, or HTTPS
+//! with rustls) for monitoring and readiness endpoints (no HTTP client dependency).
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Mutex, PoisonError};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use rustls::pki_types::ServerName;
 
 use crate::error::{Result, TestkitError};
 
@@ -79,16 +81,55 @@ pub(crate) fn http_get(port: u16, path: &str, timeout: Duration) -> Result<HttpR
         .take(MAX_RESPONSE)
         .read_to_end(&mut raw)
         .map_err(|e| err(format!("read: {e}")))?;
-    let text = String::from_utf8_lossy(&raw);
+    parse_response(&raw).map_err(err)
+}
+
+/// `GET https://127.0.0.1:<port><path>` (HTTP/1.0, no ALPN) with the given rustls config (roots,
+/// client cert). The error is a one-line reason, for readiness probes.
+pub(crate) fn https_get(
+    port: u16,
+    path: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> std::result::Result<HttpResponse, String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    tcp.set_read_timeout(Some(timeout))
+        .and_then(|()| tcp.set_write_timeout(Some(timeout)))
+        .map_err(|e| format!("set timeout: {e}"))?;
+    let server_name = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST).into());
+    let conn = rustls::ClientConnection::new(Arc::clone(tls), server_name)
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .and_then(|()| stream.flush())
+    .map_err(|e| format!("send: {e}"))?;
+    let mut raw = Vec::new();
+    match (&mut stream).take(MAX_RESPONSE).read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A peer that closes without close_notify: the response is complete anyway
+        // (HTTP/1.0, the server closes after it).
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(format!("read: {e}")),
+    }
+    parse_response(&raw)
+}
+
+/// Splits a raw HTTP/1.x response into status and body.
+fn parse_response(raw: &[u8]) -> std::result::Result<HttpResponse, String> {
+    let text = String::from_utf8_lossy(raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| err("response has no header end".to_owned()))?;
+        .ok_or_else(|| "response has no header end".to_owned())?;
     let status = head
         .lines()
         .next()
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|code| code.parse::<u16>().ok())
-        .ok_or_else(|| err(format!("bad status line in {head:?}")))?;
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
     Ok(HttpResponse {
         status,
         body: body.to_owned(),

@@ -1,6 +1,7 @@
 //! A child process we spawned and may signal. Signals go only to our own, not yet reaped child,
 //! so its PID cannot have been reused by another process.
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,19 @@ use crate::error::{Result, TestkitError};
 
 const POLL: Duration = Duration::from_millis(20);
 
+/// Start of the line [`ChildProcess::spawn`] writes into the log before each start.
+pub(crate) const START_MARKER: &str = "--- mailroom-testkit: starting ";
+
+/// `binary arg1 arg2 ...` for logs and error messages (lossy, unquoted).
+pub(crate) fn command_line<S: AsRef<OsStr>>(binary: &Path, args: &[S]) -> String {
+    let mut line = binary.display().to_string();
+    for arg in args {
+        line.push(' ');
+        line.push_str(&arg.as_ref().to_string_lossy());
+    }
+    line
+}
+
 /// A running (or exited but reaped-by-us) child process.
 #[derive(Debug)]
 pub(crate) struct ChildProcess {
@@ -23,20 +37,21 @@ pub(crate) struct ChildProcess {
 }
 
 impl ChildProcess {
-    /// Spawns `binary args...` with stdin closed and stdout/stderr appended to `log`.
-    pub(crate) fn spawn(binary: &Path, args: &[&Path], config: &Path, log: &Path) -> Result<Self> {
+    /// Spawns `binary args...` with stdin closed and stdout/stderr appended to `log` (after a
+    /// `--- mailroom-testkit: starting ...` marker line with the whole command).
+    pub(crate) fn spawn<S: AsRef<OsStr>>(binary: &Path, args: &[S], log: &Path) -> Result<Self> {
         let io_err = |what, source| TestkitError::Io {
             what,
             path: log.to_path_buf(),
             source,
         };
+        let command = command_line(binary, args);
         let mut out: File = OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .map_err(|e| io_err("cannot open log", e))?;
-        writeln!(out, "--- mailroom-testkit: starting {}", binary.display())
-            .map_err(|e| io_err("cannot write log", e))?;
+        writeln!(out, "{START_MARKER}{command}").map_err(|e| io_err("cannot write log", e))?;
         let err = out.try_clone().map_err(|e| io_err("cannot open log", e))?;
         let child = Command::new(binary)
             .args(args)
@@ -46,7 +61,7 @@ impl ChildProcess {
             .spawn()
             .map_err(|source| TestkitError::Spawn {
                 binary: binary.to_path_buf(),
-                config: config.to_path_buf(),
+                command,
                 source,
             })?;
         Ok(Self {
