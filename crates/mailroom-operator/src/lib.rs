@@ -6,6 +6,7 @@
 
 pub mod crd;
 pub mod generate;
+pub mod leader;
 pub mod render;
 
 pub use crd::{
