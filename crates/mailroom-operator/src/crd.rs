@@ -56,7 +56,7 @@ pub const VERSION: &str = "v1alpha1";
     printcolumn(
         name = "Ports",
         type_ = "string",
-        json_path = ".spec.service.ports[*].port",
+        json_path = ".status.ports",
         description = "Service ports"
     ),
     printcolumn(
@@ -243,6 +243,10 @@ pub struct MailListenerStatus {
     /// Where clients connect: the load balancer's address, or the Service's cluster address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// The Service's ports, comma-separated (`25,587`), for `kubectl get` (a printer column
+    /// shows only the first element of a list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<String>,
 }
 
 /// The desired state of a `DeliveryPolicy`: how its queued mail leaves (the shared policy
@@ -383,4 +387,7 @@ pub struct Backlog {
     pub ready: i64,
     /// Messages waiting for a retry.
     pub deferred: i64,
+    /// Messages a worker is delivering right now.
+    #[serde(default)]
+    pub leased: i64,
 }

@@ -4,10 +4,13 @@
 //! Later stages (render, reconcile, status, autoscaler) build on these types.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod controller;
 pub mod crd;
 pub mod generate;
 pub mod leader;
+pub mod metrics;
 pub mod render;
+pub mod status;
 
 pub use crd::{
     Backlog, DeliveryPolicy, DeliveryPolicyResourceSpec, DeliveryPolicyStatus, ListenerService,

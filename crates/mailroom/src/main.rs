@@ -4,6 +4,7 @@
 //! person.
 
 mod backend;
+mod operator_cmd;
 mod queue_cmd;
 mod serve;
 
@@ -49,6 +50,9 @@ enum Command {
         #[arg(long, short, env = "MAILROOM_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Run the Kubernetes operator: reconcile MailListeners and DeliveryPolicies into inbound
+    /// pods and delivery workers.
+    Operator(Box<operator_cmd::OperatorArgs>),
     /// Print the CustomResourceDefinitions (MailListener, DeliveryPolicy) as multi-document
     /// YAML, or write them into a directory.
     Crd {
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
         Command::Outbound { config, policy } => serve::run_outbound(&config, policy.as_deref()),
         Command::Check { config } => serve::check(config.as_deref()),
         Command::Crd { write } => crd(write.as_deref()),
+        Command::Operator(args) => operator_cmd::run(*args),
         Command::Queue {
             config,
             spool,

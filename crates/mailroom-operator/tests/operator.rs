@@ -1,0 +1,690 @@
+//! The operator against a real kube-apiserver (mailroom-testkit's `KubeControlPlane`) and a
+//! real nats-server: the CRDs install, applying a resource creates its objects with the right
+//! fields, status and Events tell what happened, a spec change rolls the Deployment, a missing
+//! Secret is `Degraded` and recovers, deletion garbage-collects (with kube-controller-manager),
+//! a policy with queued mail is held by its finalizer, and `kubectl get` / `describe` show it.
+//!
+//! Without a kubelet no pod runs, so readiness is played by writing the Deployment's status
+//! (on the control plane without a controller manager, whose Deployment controller would
+//! overwrite it).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use mailroom_config::JetStreamQueueSpec;
+use mailroom_operator::controller::{self, Context, FORCE_DELETE_ANNOTATION, QUEUE_FINALIZER};
+use mailroom_operator::render::{CHECKSUM_ANNOTATION, FIELD_MANAGER, Settings};
+use mailroom_operator::status::{DEGRADED, READY, reason};
+use mailroom_operator::{DeliveryPolicy, MailListener, generate, metrics};
+use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
+use mailroom_queue::{LeaseRequest, Queue};
+use mailroom_testkit::{KubeControlPlane, NatsServer};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(40);
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics after [`WAIT`] with `what`.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            eprintln!("{what}: after {:.1}s", start.elapsed().as_secs_f64());
+            return value;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A control plane with the CRDs installed, a nats-server, and the operator running in this
+/// process; dropped at the end of the test.
+struct Harness {
+    plane: KubeControlPlane,
+    client: Client,
+    queue: Arc<dyn Queue>,
+    stop: CancellationToken,
+    _nats: NatsServer,
+}
+
+impl Harness {
+    async fn start(controller_manager: bool) -> Self {
+        let plane = KubeControlPlane::builder()
+            .controller_manager(controller_manager)
+            .crds(generate::repo_crds_dir())
+            .start()
+            .expect("control plane starts");
+        let client = plane.client().await.expect("client");
+        let nats = NatsServer::start().expect("nats-server starts");
+        let queue: Arc<dyn Queue> = Arc::new(
+            JetStreamQueue::connect(JetStreamOptions {
+                urls: vec![nats.url()],
+                ..JetStreamOptions::default()
+            })
+            .await
+            .expect("queue"),
+        );
+        let settings = Settings::new(
+            "registry.example/mailroom:test",
+            JetStreamQueueSpec {
+                urls: vec![nats.url()],
+                ..JetStreamQueueSpec::default()
+            },
+        );
+        let ctx = Arc::new(
+            Context::new(
+                client.clone(),
+                settings,
+                Arc::clone(&queue),
+                Some("test-operator".to_owned()),
+            )
+            .with_backlog_refresh(Duration::from_secs(1)),
+        );
+        let stop = CancellationToken::new();
+        tokio::spawn(controller::run(ctx, None, stop.clone().cancelled_owned()));
+        Self {
+            plane,
+            client,
+            queue,
+            stop,
+            _nats: nats,
+        }
+    }
+
+    async fn namespace(&self, name: &str) {
+        let ns = Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            ..Namespace::default()
+        };
+        Api::<Namespace>::all(self.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("namespace");
+    }
+
+    fn api<K>(&self, ns: &str) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// `kubectl apply` of a YAML document, as a user would.
+    fn kubectl_apply(&self, yaml: &str) {
+        let path = self.plane.dir().join(format!("apply-{}.yaml", unique()));
+        std::fs::write(&path, yaml).expect("write manifest");
+        let path = path.to_string_lossy().into_owned();
+        self.plane
+            .kubectl_ok(&["apply", "-f", &path])
+            .expect("kubectl apply");
+    }
+
+    async fn secret(&self, ns: &str, name: &str, data: &[(&str, &str)]) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        self.api::<Secret>(ns)
+            .patch(
+                name,
+                &PatchParams::apply("mailroom-tests").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .expect("secret");
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A number unique in this process, for file names.
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+async fn listener_condition(
+    api: &Api<MailListener>,
+    name: &str,
+    type_: &str,
+) -> Option<(String, String, String)> {
+    let ml = api.get(name).await.ok()?;
+    let status = ml.status?;
+    let c = condition(&status.conditions, type_)?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn checksum(d: &Deployment) -> Option<String> {
+    d.spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CHECKSUM_ANNOTATION)
+        .cloned()
+}
+
+/// Plays the kubelet and the Deployment controller: every replica exists, runs the current
+/// template and is ready.
+async fn mark_ready(api: &Api<Deployment>, name: &str) {
+    let d = api.get(name).await.expect("deployment");
+    let replicas = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "status": {
+            "observedGeneration": d.metadata.generation,
+            "replicas": replicas, "readyReplicas": replicas,
+            "updatedReplicas": replicas, "availableReplicas": replicas,
+        }
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply("fake-kubelet").force(),
+        &Patch::Apply(&status),
+    )
+    .await
+    .expect("deployment status");
+}
+
+const LISTENER: &str = r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailListener
+metadata: { name: mx, namespace: mail }
+spec:
+  address: "0.0.0.0:2525"
+  acceptedDomains: [example.test]
+  tls: { certFile: tls.crt, keyFile: tls.key }
+  tlsSecretRef: { name: mx-tls }
+  replicas: 2
+  service:
+    type: LoadBalancer
+    externalTrafficPolicy: Local
+    ports: [{ name: smtp, port: 25 }, { name: submission, port: 587 }]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_becomes_objects_status_and_events() {
+    let h = Harness::start(false).await;
+    h.namespace("mail").await;
+    h.secret("mail", "mx-tls", &[("tls.crt", "cert"), ("tls.key", "key")])
+        .await;
+    h.kubectl_apply(LISTENER);
+
+    let deployments = h.api::<Deployment>("mail");
+    let d = eventually("Deployment mx-inbound", || async {
+        deployments.get_opt("mx-inbound").await.ok().flatten()
+    })
+    .await;
+    let ml_api = h.api::<MailListener>("mail");
+    let ml = ml_api.get("mx").await.expect("ml");
+    // Owned by the listener, applied by our field manager, with the requested shape.
+    let owner = &d.metadata.owner_references.as_ref().expect("owner refs")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("MailListener", "mx")
+    );
+    assert_eq!(owner.uid, ml.uid().expect("uid"));
+    assert!(
+        d.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .any(|f| f.manager.as_deref() == Some(FIELD_MANAGER))
+    );
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let pod = d
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.clone())
+        .expect("pod spec");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert!(
+        pod.volumes.iter().flatten().any(|v| v
+            .secret
+            .as_ref()
+            .and_then(|s| s.secret_name.as_deref())
+            == Some("mx-tls"))
+    );
+    let config = h
+        .api::<ConfigMap>("mail")
+        .get("mx-inbound")
+        .await
+        .expect("ConfigMap");
+    let yaml = &config.data.expect("data")["mailroom.yaml"];
+    assert!(
+        yaml.contains("certFile: /etc/mailroom/tls/tls.crt"),
+        "{yaml}"
+    );
+    let service = h
+        .api::<Service>("mail")
+        .get("mx-inbound")
+        .await
+        .expect("Service");
+    let spec = service.spec.clone().expect("service spec");
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(spec.ports.as_ref().map(Vec::len), Some(2));
+    h.api::<PodDisruptionBudget>("mail")
+        .get("mx-inbound")
+        .await
+        .expect("PDB");
+
+    // No pod runs yet: not ready, not degraded, and status tells the Service address.
+    let (status, why, message) = eventually("Ready=False", || async {
+        listener_condition(&ml_api, "mx", READY)
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), why.as_str()),
+        ("False", reason::NOT_READY)
+    );
+    assert_eq!(message, "0 of 2 inbound pods ready");
+    let ml = ml_api.get("mx").await.expect("ml");
+    let st = ml.status.clone().expect("status");
+    assert_eq!(st.observed_generation, ml.metadata.generation);
+    assert_eq!(
+        st.address,
+        spec.cluster_ip.clone(),
+        "no load balancer here: the cluster IP"
+    );
+    assert_eq!(
+        condition(&st.conditions, DEGRADED).map(|c| c.status.as_str()),
+        Some("False")
+    );
+
+    // The pods become ready: so does the listener.
+    mark_ready(&deployments, "mx-inbound").await;
+    eventually("Ready=True", || async {
+        listener_condition(&ml_api, "mx", READY)
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await;
+    let st = ml_api.get("mx").await.expect("ml").status.expect("status");
+    assert_eq!((st.replicas, st.ready_replicas), (Some(2), Some(2)));
+
+    // A spec change rolls the pods (new checksum), and says so in an Event.
+    let before = checksum(&d).expect("checksum");
+    h.kubectl_apply(&LISTENER.replace(
+        "  replicas: 2\n",
+        "  replicas: 2\n  limits: { maxRecipients: 500 }\n",
+    ));
+    let rolled = eventually("a new config checksum", || async {
+        let d = deployments.get("mx-inbound").await.ok()?;
+        checksum(&d).filter(|c| *c != before)
+    })
+    .await;
+    assert_ne!(rolled, before);
+    eventually("Progressing while the pods roll", || async {
+        listener_condition(&ml_api, "mx", "Progressing")
+            .await
+            .filter(|c| c.0 == "True" && c.1 == reason::ROLLING_OUT)
+    })
+    .await;
+
+    // kubectl shows the printer columns, the conditions and the Events.
+    let table = h
+        .plane
+        .kubectl_ok(&["get", "ml", "-n", "mail"])
+        .expect("kubectl get");
+    let header = table.lines().next().unwrap_or_default();
+    for column in ["NAME", "READY", "REPLICAS", "PORTS", "AGE"] {
+        assert!(header.contains(column), "{table}");
+    }
+    assert!(table.contains("25,587"), "{table}");
+    let wide = h
+        .plane
+        .kubectl_ok(&["get", "ml", "-n", "mail", "-o", "wide"])
+        .expect("wide");
+    assert!(
+        wide.lines().next().unwrap_or_default().contains("MESSAGE"),
+        "{wide}"
+    );
+    let describe = eventually("describe shows the ConfigChanged Event", || async {
+        let text = h
+            .plane
+            .kubectl_ok(&["describe", "ml", "mx", "-n", "mail"])
+            .ok()?;
+        text.contains("ConfigChanged").then_some(text)
+    })
+    .await;
+    for needle in [
+        "Conditions:",
+        "Ready",
+        "Degraded",
+        "Created",
+        "mailroom-operator",
+    ] {
+        assert!(describe.contains(needle), "{needle} not in:\n{describe}");
+    }
+    assert!(
+        metrics::RECONCILES
+            .with_label_values(&["MailListener"])
+            .get()
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_is_degraded_until_it_appears() {
+    let h = Harness::start(false).await;
+    h.namespace("mail").await;
+    h.kubectl_apply(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailListener
+metadata: { name: submission, namespace: mail }
+spec:
+  address: "0.0.0.0:5870"
+  mode: submission
+  acceptedDomains: [example.test]
+  tls: { certFile: tls.crt, keyFile: tls.key }
+  tlsSecretRef: { name: sub-tls }
+  auth: { usersFile: users }
+  usersSecretRef: { name: sub-users }
+"#,
+    );
+    let api = h.api::<MailListener>("mail");
+    let (_, why, message) = eventually("Degraded=True", || async {
+        listener_condition(&api, "submission", DEGRADED)
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(why, reason::SECRET_NOT_FOUND);
+    assert!(
+        message.contains("spec.tlsSecretRef") && message.contains("sub-tls"),
+        "{message}"
+    );
+    assert!(
+        h.api::<Deployment>("mail")
+            .get_opt("submission-inbound")
+            .await
+            .expect("get")
+            .is_none(),
+        "nothing is deployed from an unresolvable spec"
+    );
+    // The Secret appears but lacks the key the spec names: still degraded, naming the key.
+    h.secret(
+        "mail",
+        "sub-tls",
+        &[("tls.crt", "cert"), ("tls.key", "key")],
+    )
+    .await;
+    h.secret("mail", "sub-users", &[("passwd", "x")]).await;
+    let (_, why, message) = eventually("SecretKeyMissing", || async {
+        listener_condition(&api, "submission", DEGRADED)
+            .await
+            .filter(|c| c.1 == reason::SECRET_KEY_MISSING)
+    })
+    .await;
+    assert_eq!(why, reason::SECRET_KEY_MISSING);
+    assert!(
+        message.contains("spec.auth.usersFile") && message.contains("passwd"),
+        "{message}"
+    );
+    // Fixed: it recovers by itself (retried with backoff) and deploys.
+    h.secret("mail", "sub-users", &[("users", "alice:$2b$...")])
+        .await;
+    eventually("Degraded=False after the fix", || async {
+        listener_condition(&api, "submission", DEGRADED)
+            .await
+            .filter(|c| c.0 == "False")
+    })
+    .await;
+    h.api::<Deployment>("mail")
+        .get("submission-inbound")
+        .await
+        .expect("deployed after the fix");
+    let events = h
+        .plane
+        .kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "mail",
+            "--field-selector",
+            "involvedObject.name=submission",
+        ])
+        .expect("events");
+    assert!(events.contains("SecretNotFound"), "{events}");
+    assert!(
+        metrics::RECONCILE_FAILURES
+            .with_label_values(&["MailListener", reason::SECRET_NOT_FOUND])
+            .get()
+            > 0
+    );
+
+    // An invalid spec is degraded with the field named, too.
+    h.kubectl_apply(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: MailListener
+metadata: { name: bad, namespace: mail }
+spec:
+  address: "0.0.0.0:2526"
+  acceptedDomains: [example.test]
+  limits: { maxRecipients: 1 }
+  plugins: [{ access: { denySenders: [""] } }]
+"#,
+    );
+    let (_, why, message) = eventually("InvalidSpec", || async {
+        listener_condition(&api, "bad", DEGRADED)
+            .await
+            .filter(|c| c.0 == "True")
+    })
+    .await;
+    assert_eq!(why, reason::INVALID_SPEC);
+    assert!(message.contains("spec.limits.maxRecipients"), "{message}");
+    assert!(message.contains("spec.plugins[0].access"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_collects_children_and_a_policy_waits_for_its_queue() {
+    let h = Harness::start(true).await;
+    h.namespace("mail").await;
+    h.kubectl_apply(LISTENER.replace("  tls: { certFile: tls.crt, keyFile: tls.key }\n  tlsSecretRef: { name: mx-tls }\n", "").as_str());
+    let deployments = h.api::<Deployment>("mail");
+    eventually("Deployment mx-inbound", || async {
+        deployments.get_opt("mx-inbound").await.ok().flatten()
+    })
+    .await;
+    h.api::<MailListener>("mail")
+        .delete("mx", &DeleteParams::background())
+        .await
+        .expect("delete ml");
+    eventually("children garbage-collected", || async {
+        let d = deployments.get_opt("mx-inbound").await.ok()?;
+        let s = h.api::<Service>("mail").get_opt("mx-inbound").await.ok()?;
+        let c = h
+            .api::<ConfigMap>("mail")
+            .get_opt("mx-inbound")
+            .await
+            .ok()?;
+        (d.is_none() && s.is_none() && c.is_none()).then_some(())
+    })
+    .await;
+
+    // A policy with one queued message.
+    h.kubectl_apply(
+        r#"
+apiVersion: mailroom.dev/v1alpha1
+kind: DeliveryPolicy
+metadata: { name: bulk, namespace: mail }
+spec:
+  workers: { minReplicas: 2, maxReplicas: 4 }
+"#,
+    );
+    let policies = h.api::<DeliveryPolicy>("mail");
+    let dp = eventually("the finalizer", || async {
+        let dp = policies.get("bulk").await.ok()?;
+        dp.finalizers()
+            .iter()
+            .any(|f| f == QUEUE_FINALIZER)
+            .then_some(dp)
+    })
+    .await;
+    let d = eventually("Deployment bulk-outbound", || async {
+        deployments.get_opt("bulk-outbound").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(d.spec.as_ref().and_then(|s| s.replicas), Some(2));
+    let args = d
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("pod")
+        .containers[0]
+        .args
+        .clone()
+        .expect("args");
+    assert_eq!(args.last().map(String::as_str), Some("bulk"));
+    assert_eq!(dp.spec.workers.max_replicas, 4);
+
+    let mut message = mailroom_queue::contract::message("a@example.test", &["b@example.org"]);
+    message.envelope.policy = "bulk".to_owned();
+    h.queue.enqueue(message).await.expect("enqueue");
+    eventually("backlog in status", || async {
+        let b = policies.get("bulk").await.ok()?.status?.backlog?;
+        (b.ready == 1).then_some(())
+    })
+    .await;
+
+    policies
+        .delete("bulk", &DeleteParams::background())
+        .await
+        .expect("delete dp");
+    let (why, text) = eventually("DeletionBlocked", || async {
+        let st = policies.get("bulk").await.ok()?.status?;
+        let c = condition(&st.conditions, READY)?;
+        (c.reason == reason::DELETION_BLOCKED).then(|| (c.reason.clone(), c.message.clone()))
+    })
+    .await;
+    assert_eq!(why, reason::DELETION_BLOCKED);
+    assert!(
+        text.contains("1 queued message") && text.contains(FORCE_DELETE_ANNOTATION),
+        "{text}"
+    );
+    assert!(
+        deployments
+            .get_opt("bulk-outbound")
+            .await
+            .expect("get")
+            .is_some(),
+        "workers keep running"
+    );
+
+    // The workers deliver it (lease + ack): the finalizer lets go and the children follow.
+    let leases = h
+        .queue
+        .lease(&LeaseRequest {
+            policy: "bulk".to_owned(),
+            max: 10,
+            wait: Duration::from_secs(2),
+            max_age: None,
+        })
+        .await
+        .expect("lease");
+    assert_eq!(leases.len(), 1);
+    for lease in leases {
+        h.queue.ack(lease).await.expect("ack");
+    }
+    eventually("the policy is gone", || async {
+        policies.get_opt("bulk").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    eventually("its workers are collected", || async {
+        deployments
+            .get_opt("bulk-outbound")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+
+    // Forced deletion with mail queued.
+    h.kubectl_apply(
+        "apiVersion: mailroom.dev/v1alpha1\nkind: DeliveryPolicy\nmetadata: { name: urgent, namespace: mail }\nspec: {}\n",
+    );
+    eventually("the finalizer on urgent", || async {
+        let dp = policies.get("urgent").await.ok()?;
+        dp.finalizers()
+            .iter()
+            .any(|f| f == QUEUE_FINALIZER)
+            .then_some(())
+    })
+    .await;
+    let mut message = mailroom_queue::contract::message("a@example.test", &["c@example.org"]);
+    message.envelope.policy = "urgent".to_owned();
+    h.queue.enqueue(message).await.expect("enqueue");
+    policies
+        .delete("urgent", &DeleteParams::background())
+        .await
+        .expect("delete");
+    eventually("urgent blocked", || async {
+        let st = policies.get("urgent").await.ok()?.status?;
+        let c = condition(&st.conditions, READY)?;
+        (c.reason == reason::DELETION_BLOCKED).then_some(())
+    })
+    .await;
+    h.plane
+        .kubectl_ok(&[
+            "annotate",
+            "dp",
+            "urgent",
+            "-n",
+            "mail",
+            &format!("{FORCE_DELETE_ANNOTATION}=true"),
+        ])
+        .expect("annotate");
+    eventually("urgent is gone", || async {
+        policies
+            .get_opt("urgent")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
