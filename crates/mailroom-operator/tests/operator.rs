@@ -8,9 +8,8 @@
 //! (on the control plane without a controller manager, whose Deployment controller would
 //! overwrite it).
 
-use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -25,31 +24,11 @@ use mailroom_operator::status::{DEGRADED, READY, reason};
 use mailroom_operator::{DeliveryPolicy, MailListener, generate, metrics};
 use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
 use mailroom_queue::{LeaseRequest, Queue};
-use mailroom_testkit::{KubeControlPlane, NatsServer};
+use mailroom_testkit::{KubeControlPlane, NatsServer, eventually};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(40);
-
-/// Polls `check` every 200 ms until it returns `Some`, or panics after [`WAIT`] with `what`.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            eprintln!("{what}: after {:.1}s", start.elapsed().as_secs_f64());
-            return value;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 /// A control plane with the CRDs installed, a nats-server, and the operator running in this
 /// process; dropped at the end of the test.
@@ -250,7 +229,7 @@ async fn a_listener_becomes_objects_status_and_events() {
     h.kubectl_apply(LISTENER);
 
     let deployments = h.api::<Deployment>("mail");
-    let d = eventually("Deployment mx-inbound", || async {
+    let d = eventually("Deployment mx-inbound", WAIT, || async {
         deployments.get_opt("mx-inbound").await.ok().flatten()
     })
     .await;
@@ -309,7 +288,7 @@ async fn a_listener_becomes_objects_status_and_events() {
         .expect("PDB");
 
     // No pod runs yet: not ready, not degraded, and status tells the Service address.
-    let (status, why, message) = eventually("Ready=False", || async {
+    let (status, why, message) = eventually("Ready=False", WAIT, || async {
         listener_condition(&ml_api, "mx", READY)
             .await
             .filter(|c| c.0 == "False")
@@ -335,7 +314,7 @@ async fn a_listener_becomes_objects_status_and_events() {
 
     // The pods become ready: so does the listener.
     mark_ready(&deployments, "mx-inbound").await;
-    eventually("Ready=True", || async {
+    eventually("Ready=True", WAIT, || async {
         listener_condition(&ml_api, "mx", READY)
             .await
             .filter(|c| c.0 == "True")
@@ -350,13 +329,13 @@ async fn a_listener_becomes_objects_status_and_events() {
         "  replicas: 2\n",
         "  replicas: 2\n  limits: { maxRecipients: 500 }\n",
     ));
-    let rolled = eventually("a new config checksum", || async {
+    let rolled = eventually("a new config checksum", WAIT, || async {
         let d = deployments.get("mx-inbound").await.ok()?;
         checksum(&d).filter(|c| *c != before)
     })
     .await;
     assert_ne!(rolled, before);
-    eventually("Progressing while the pods roll", || async {
+    eventually("Progressing while the pods roll", WAIT, || async {
         listener_condition(&ml_api, "mx", "Progressing")
             .await
             .filter(|c| c.0 == "True" && c.1 == reason::ROLLING_OUT)
@@ -381,7 +360,7 @@ async fn a_listener_becomes_objects_status_and_events() {
         wide.lines().next().unwrap_or_default().contains("MESSAGE"),
         "{wide}"
     );
-    let describe = eventually("describe shows the ConfigChanged Event", || async {
+    let describe = eventually("describe shows the ConfigChanged Event", WAIT, || async {
         let text = h
             .plane
             .kubectl_ok(&["describe", "ml", "mx", "-n", "mail"])
@@ -426,7 +405,7 @@ spec:
 "#,
     );
     let api = h.api::<MailListener>("mail");
-    let (_, why, message) = eventually("Degraded=True", || async {
+    let (_, why, message) = eventually("Degraded=True", WAIT, || async {
         listener_condition(&api, "submission", DEGRADED)
             .await
             .filter(|c| c.0 == "True")
@@ -453,7 +432,7 @@ spec:
     )
     .await;
     h.secret("mail", "sub-users", &[("passwd", "x")]).await;
-    let (_, why, message) = eventually("SecretKeyMissing", || async {
+    let (_, why, message) = eventually("SecretKeyMissing", WAIT, || async {
         listener_condition(&api, "submission", DEGRADED)
             .await
             .filter(|c| c.1 == reason::SECRET_KEY_MISSING)
@@ -467,7 +446,7 @@ spec:
     // Fixed: it recovers by itself (retried with backoff) and deploys.
     h.secret("mail", "sub-users", &[("users", "alice:$2b$...")])
         .await;
-    eventually("Degraded=False after the fix", || async {
+    eventually("Degraded=False after the fix", WAIT, || async {
         listener_condition(&api, "submission", DEGRADED)
             .await
             .filter(|c| c.0 == "False")
@@ -509,7 +488,7 @@ spec:
   plugins: [{ access: { denySenders: [""] } }]
 "#,
     );
-    let (_, why, message) = eventually("InvalidSpec", || async {
+    let (_, why, message) = eventually("InvalidSpec", WAIT, || async {
         listener_condition(&api, "bad", DEGRADED)
             .await
             .filter(|c| c.0 == "True")
@@ -526,7 +505,7 @@ async fn deletion_collects_children_and_a_policy_waits_for_its_queue() {
     h.namespace("mail").await;
     h.kubectl_apply(LISTENER.replace("  tls: { certFile: tls.crt, keyFile: tls.key }\n  tlsSecretRef: { name: mx-tls }\n", "").as_str());
     let deployments = h.api::<Deployment>("mail");
-    eventually("Deployment mx-inbound", || async {
+    eventually("Deployment mx-inbound", WAIT, || async {
         deployments.get_opt("mx-inbound").await.ok().flatten()
     })
     .await;
@@ -534,7 +513,7 @@ async fn deletion_collects_children_and_a_policy_waits_for_its_queue() {
         .delete("mx", &DeleteParams::background())
         .await
         .expect("delete ml");
-    eventually("children garbage-collected", || async {
+    eventually("children garbage-collected", WAIT, || async {
         let d = deployments.get_opt("mx-inbound").await.ok()?;
         let s = h.api::<Service>("mail").get_opt("mx-inbound").await.ok()?;
         let c = h
@@ -557,7 +536,7 @@ spec:
 "#,
     );
     let policies = h.api::<DeliveryPolicy>("mail");
-    let dp = eventually("the finalizer", || async {
+    let dp = eventually("the finalizer", WAIT, || async {
         let dp = policies.get("bulk").await.ok()?;
         dp.finalizers()
             .iter()
@@ -565,7 +544,7 @@ spec:
             .then_some(dp)
     })
     .await;
-    let d = eventually("Deployment bulk-outbound", || async {
+    let d = eventually("Deployment bulk-outbound", WAIT, || async {
         deployments.get_opt("bulk-outbound").await.ok().flatten()
     })
     .await;
@@ -584,7 +563,7 @@ spec:
     let mut message = mailroom_queue::contract::message("a@example.test", &["b@example.org"]);
     message.envelope.policy = "bulk".to_owned();
     h.queue.enqueue(message).await.expect("enqueue");
-    eventually("backlog in status", || async {
+    eventually("backlog in status", WAIT, || async {
         let b = policies.get("bulk").await.ok()?.status?.backlog?;
         (b.ready == 1).then_some(())
     })
@@ -594,7 +573,7 @@ spec:
         .delete("bulk", &DeleteParams::background())
         .await
         .expect("delete dp");
-    let (why, text) = eventually("DeletionBlocked", || async {
+    let (why, text) = eventually("DeletionBlocked", WAIT, || async {
         let st = policies.get("bulk").await.ok()?.status?;
         let c = condition(&st.conditions, READY)?;
         (c.reason == reason::DELETION_BLOCKED).then(|| (c.reason.clone(), c.message.clone()))
@@ -629,11 +608,11 @@ spec:
     for lease in leases {
         h.queue.ack(lease).await.expect("ack");
     }
-    eventually("the policy is gone", || async {
+    eventually("the policy is gone", WAIT, || async {
         policies.get_opt("bulk").await.ok()?.is_none().then_some(())
     })
     .await;
-    eventually("its workers are collected", || async {
+    eventually("its workers are collected", WAIT, || async {
         deployments
             .get_opt("bulk-outbound")
             .await
@@ -647,7 +626,7 @@ spec:
     h.kubectl_apply(
         "apiVersion: mailroom.dev/v1alpha1\nkind: DeliveryPolicy\nmetadata: { name: urgent, namespace: mail }\nspec: {}\n",
     );
-    eventually("the finalizer on urgent", || async {
+    eventually("the finalizer on urgent", WAIT, || async {
         let dp = policies.get("urgent").await.ok()?;
         dp.finalizers()
             .iter()
@@ -662,7 +641,7 @@ spec:
         .delete("urgent", &DeleteParams::background())
         .await
         .expect("delete");
-    eventually("urgent blocked", || async {
+    eventually("urgent blocked", WAIT, || async {
         let st = policies.get("urgent").await.ok()?.status?;
         let c = condition(&st.conditions, READY)?;
         (c.reason == reason::DELETION_BLOCKED).then_some(())
@@ -678,7 +657,7 @@ spec:
             &format!("{FORCE_DELETE_ANNOTATION}=true"),
         ])
         .expect("annotate");
-    eventually("urgent is gone", || async {
+    eventually("urgent is gone", WAIT, || async {
         policies
             .get_opt("urgent")
             .await
@@ -687,4 +666,109 @@ spec:
             .then_some(())
     })
     .await;
+}
+
+/// Every sample in `config/samples/` is accepted and becomes running objects (with the Secrets
+/// the samples name), and `kubectl get ml,dp` lists them; every manifest in `tests/invalid/`
+/// is refused by the schema or a CEL rule with the message its `# expect:` line names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_are_accepted_and_invalid_resources_refused() {
+    let h = Harness::start(false).await;
+    h.secret(
+        "default",
+        "submission-tls",
+        &[("tls.crt", "c"), ("tls.key", "k")],
+    )
+    .await;
+    h.secret(
+        "default",
+        "submission-users",
+        &[("users", "alice:$2b$12$x")],
+    )
+    .await;
+    h.secret("default", "smarthost", &[("password", "secret")])
+        .await;
+    h.secret(
+        "default",
+        "dkim-keys",
+        &[("s2026.pem", "-----BEGIN PRIVATE KEY-----")],
+    )
+    .await;
+    let samples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/samples");
+    let out = h
+        .plane
+        .kubectl_ok(&["apply", "-f", &samples.to_string_lossy()])
+        .expect("the samples apply");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&samples).expect("config/samples") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("sample");
+        let value: serde_json::Value = serde_saphyr::from_str(&text).expect("sample YAML");
+        let kind = value["kind"].as_str().expect("kind").to_owned();
+        let name = value["metadata"]["name"].as_str().expect("name").to_owned();
+        names.push((kind, name));
+    }
+    assert!(names.len() >= 4, "{names:?}");
+    let deployments = h.api::<Deployment>("default");
+    for (kind, name) in &names {
+        assert!(out.contains(name.as_str()), "{out}");
+        let child = match kind.as_str() {
+            "MailListener" => format!("{name}-inbound"),
+            "DeliveryPolicy" => format!("{name}-outbound"),
+            other => panic!("unexpected sample kind {other}"),
+        };
+        eventually(&format!("Deployment {child}"), WAIT, || async {
+            deployments.get_opt(&child).await.ok().flatten()
+        })
+        .await;
+    }
+    let listeners = h.api::<MailListener>("default");
+    let policies = h.api::<DeliveryPolicy>("default");
+    eventually("no sample is degraded", WAIT, || async {
+        let mut all = Vec::new();
+        for ml in listeners.list(&Default::default()).await.ok()? {
+            all.push(ml.status.map(|s| s.conditions).unwrap_or_default());
+        }
+        for dp in policies.list(&Default::default()).await.ok()? {
+            all.push(dp.status.map(|s| s.conditions).unwrap_or_default());
+        }
+        all.iter()
+            .all(|c| condition(c, DEGRADED).is_some_and(|d| d.status == "False"))
+            .then_some(())
+    })
+    .await;
+    let table = h
+        .plane
+        .kubectl_ok(&["get", "ml,dp", "-A"])
+        .expect("kubectl get ml,dp");
+    for (_, name) in &names {
+        assert!(table.contains(name.as_str()), "{table}");
+    }
+    for column in ["WORKERS", "RELAY", "BACKLOG", "PORTS"] {
+        assert!(table.contains(column), "{column}: {table}");
+    }
+    assert!(table.contains("smarthost.example.net"), "{table}");
+
+    let invalid = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid");
+    let mut cases = 0;
+    for entry in std::fs::read_dir(&invalid).expect("tests/invalid") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("manifest");
+        let expect = text
+            .lines()
+            .find_map(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{}: no `# expect:` line", path.display()));
+        let out = h
+            .plane
+            .kubectl(&["apply", "-f", &path.to_string_lossy()])
+            .expect("kubectl runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} was accepted", path.display());
+        assert!(
+            stderr.contains(expect),
+            "{}: {expect:?} not in {stderr}",
+            path.display()
+        );
+        cases += 1;
+    }
+    assert!(cases >= 5);
 }

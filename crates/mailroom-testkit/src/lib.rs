@@ -34,6 +34,7 @@ mod nats;
 mod nats_cluster;
 mod net;
 mod process;
+mod wait;
 
 pub use crate::kube::{KubeControlPlane, KubeControlPlaneBuilder};
 pub use binary::{
@@ -44,3 +45,4 @@ pub use dns::{DEFAULT_TTL, DnsServer, Zone};
 pub use error::{Result, TestkitError};
 pub use nats::{NatsServer, NatsServerBuilder};
 pub use nats_cluster::{NatsCluster, NatsClusterBuilder};
+pub use wait::eventually;

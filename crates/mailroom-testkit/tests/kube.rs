@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::config::AuthInfo;
-use mailroom_testkit::{KubeControlPlane, Tool};
+use mailroom_testkit::{KubeControlPlane, Tool, eventually};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -51,23 +51,6 @@ fn api_status(err: &kube::Error) -> u16 {
     match err {
         kube::Error::Api(status) => status.code,
         other => panic!("expected an API error status, got {other:?}"),
-    }
-}
-
-/// Polls `check` every 250 ms until it returns `Some`, or panics after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check().await {
-            eprintln!("{what}: after {:.1}s", start.elapsed().as_secs_f64());
-            return v;
-        }
-        assert!(start.elapsed() < WAIT, "{what}: not within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
@@ -238,7 +221,7 @@ async fn controller_manager_runs_deployments_and_garbage_collection() {
         .expect("create deployment");
     let deployment_uid = created.metadata.uid.expect("uid");
     let replicasets = Api::<ReplicaSet>::namespaced(client.clone(), "testkit-b");
-    let rs = eventually("replicaset of deployment web", || {
+    let rs = eventually("replicaset of deployment web", WAIT, || {
         let replicasets = replicasets.clone();
         async move {
             replicasets
@@ -283,7 +266,7 @@ async fn controller_manager_runs_deployments_and_garbage_collection() {
     cms.delete("owner", &DeleteParams::background())
         .await
         .expect("delete owner");
-    eventually("owned configmap garbage-collected", || {
+    eventually("owned configmap garbage-collected", WAIT, || {
         let cms = cms.clone();
         async move {
             cms.get_opt("owned")
