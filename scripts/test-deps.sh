@@ -13,6 +13,7 @@ command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || missing+=(postfix)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
+command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)   # the rspamd plugin's tests
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -20,7 +21,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections 2>/dev/null || true
   echo "postfix postfix/mailname string mailroom-ci.invalid" | debconf-set-selections 2>/dev/null || true
   apt-get update -qq
+  # Packages must not start their services (rspamd's would listen on 11333/11334): the tests
+  # start their own on free ports. Containers usually have this policy already.
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && own_policy=1
+  fi
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  [ "$own_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
 fi
 
 if ! python3 -c 'import pytest, bcrypt' >/dev/null 2>&1; then

@@ -455,8 +455,9 @@ class MailroomServer:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode("utf-8", "replace")
 
-    def metric(self, name: str) -> float:
-        """Sum of all samples of metric `name` (over all label sets) in /metrics."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of metric `name` in /metrics whose label sets include `labels`
+        (all of them when none are given)."""
         status, text = self.http_get("/metrics")
         assert status == 200, (status, text[:500])
         total = 0.0
@@ -466,8 +467,9 @@ class MailroomServer:
                 continue
             m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
             if m and m.group(1) == name:
-                total += float(m.group(3))
                 found = True
+                if all(f'{k}="{v}"' in (m.group(2) or "") for k, v in labels.items()):
+                    total += float(m.group(3))
         assert found, f"metric {name} not in /metrics:\n{text[:3000]}"
         return total
 

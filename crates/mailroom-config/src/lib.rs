@@ -26,7 +26,10 @@ pub use human::{ByteSize, HumanDuration, HumanError, Rate};
 pub use limits::{Limits, Timeouts};
 pub use listener::{AuthMechanism, AuthSpec, ListenerMode, ListenerSpec, TlsSpec};
 pub use load::{ConfigError, Problem, load_file, load_str, parse};
-pub use plugins::{AccessPluginSpec, HeadersPluginSpec, PluginSpec};
+pub use plugins::{
+    AccessPluginSpec, FailMode, HeadersPluginSpec, PluginSpec, RspamdPluginSpec, Sidecar,
+    SidecarSpec,
+};
 pub use policy::{
     BounceSpec, ClientTimeouts, DeliveryPolicySpec, DestinationSpec, DkimAlgorithm, DkimSpec,
     IpVersion, OutboundTlsMode, RelaySpec, RelayTls, ResolverSpec, RetrySpec, RoutingSpec,

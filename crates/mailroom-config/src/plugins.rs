@@ -2,11 +2,14 @@
 //! fields of which exactly one is set (like a Pod volume source), so the Kubernetes schema stays
 //! structural; `mailroom-plugins` builds the chain from these specs in order.
 
+use std::collections::BTreeMap;
+
 use ipnet::IpNet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::schema;
+use crate::{ByteSize, HumanDuration};
 
 /// One entry of a plugin chain. Set exactly one field; its name is the plugin kind. A kind
 /// written without settings (`- headers:`) uses its defaults.
@@ -27,11 +30,18 @@ pub struct PluginSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub headers: Option<HeadersPluginSpec>,
+    /// Scans the message with rspamd and acts on its verdict.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rspamd: Option<RspamdPluginSpec>,
 }
 
 impl PluginSpec {
     /// Every plugin kind, as spelled in the configuration.
-    pub const KINDS: &'static [&'static str] = &["access", "headers"];
+    pub const KINDS: &'static [&'static str] = &["access", "headers", "rspamd"];
 
     /// The kind of this entry (`"access"`, `"headers"`), or `None` unless exactly one field is
     /// set.
@@ -42,13 +52,37 @@ impl PluginSpec {
         }
     }
 
+    /// The helper container this entry asks for in a listener's pods, if any (with the
+    /// plugin's defaults filled in): the operator adds it as a sidecar. `mailroom serve` ignores
+    /// it; there the helper runs wherever the plugin's URL points.
+    pub fn sidecar(&self) -> Option<Sidecar> {
+        let spec = self.rspamd.as_ref()?.sidecar.as_ref()?;
+        Some(Sidecar {
+            name: "rspamd",
+            image: spec.image.clone(),
+            args: spec.args.clone(),
+            requests: spec.requests.clone(),
+            limits: spec.limits.clone(),
+            // The official image writes its state, sockets and maps here.
+            writable_dirs: vec!["/var/lib/rspamd", "/run/rspamd", "/var/log/rspamd"],
+        })
+    }
+
     /// The names of the fields that are set; validation requires exactly one.
     pub(crate) fn kinds_set(&self) -> Vec<&'static str> {
-        let Self { access, headers } = self; // a new field fails to compile here: add it below
-        [("access", access.is_some()), ("headers", headers.is_some())]
-            .into_iter()
-            .filter_map(|(kind, set)| set.then_some(kind))
-            .collect()
+        let Self {
+            access,
+            headers,
+            rspamd,
+        } = self; // a new field fails to compile here: add it below
+        [
+            ("access", access.is_some()),
+            ("headers", headers.is_some()),
+            ("rspamd", rspamd.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(kind, set)| set.then_some(kind))
+        .collect()
     }
 }
 
@@ -95,4 +129,90 @@ impl Default for HeadersPluginSpec {
             add_date: true,
         }
     }
+}
+
+/// Scans each message through rspamd's HTTP protocol (`POST /checkv2` on its normal worker)
+/// after DATA and acts on the action rspamd chose: `reject` (554 5.7.1), `soft reject` and
+/// `greylist` (451 4.7.1), `rewrite subject`, `add header` (`X-Spam: Yes`), `no action`. The
+/// headers rspamd asks for (its `milter` block) are added or removed either way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RspamdPluginSpec {
+    /// Base URL of rspamd's normal worker, `http://host:port`. Default
+    /// `http://127.0.0.1:11333` (the sidecar, when there is one).
+    pub url: String,
+    /// Longest wait for a verdict. Default 20s.
+    pub timeout: HumanDuration,
+    /// What to do when rspamd cannot be reached, times out or answers nonsense: `accept` the
+    /// message unscanned (fail open, the default) or `tempfail` it with 451 4.7.1 (fail closed).
+    pub on_error: FailMode,
+    /// Larger messages are accepted without a scan. Default 20MiB.
+    pub max_size: ByteSize,
+    /// Also scan mail from authenticated (submission) clients. Default false.
+    pub scan_authenticated: bool,
+    /// Add `X-Rspamd-Action` and `X-Rspamd-Score` to every scanned message. Default true.
+    pub add_headers: bool,
+    /// Run rspamd as a helper container in each of the listener's pods (Kubernetes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+impl Default for RspamdPluginSpec {
+    fn default() -> Self {
+        Self {
+            url: "http://127.0.0.1:11333".to_owned(),
+            timeout: HumanDuration::from_secs(20),
+            on_error: FailMode::Accept,
+            max_size: ByteSize::mib(20),
+            scan_authenticated: false,
+            add_headers: true,
+            sidecar: None,
+        }
+    }
+}
+
+/// What a plugin does when the service it asks fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = crate::schema::plain_string_enum)]
+pub enum FailMode {
+    /// Continue as if the plugin had no opinion (fail open).
+    #[default]
+    Accept,
+    /// Refuse with a temporary error, so the client retries later (fail closed).
+    Tempfail,
+}
+
+/// A helper container for a plugin, run beside the server in each listener pod.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// Container image, e.g. `rspamd/rspamd:3.12`.
+    pub image: String,
+    /// Arguments of the container (default: the image's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Resource requests, e.g. `{cpu: 100m, memory: 256Mi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub requests: BTreeMap<String, String>,
+    /// Resource limits, e.g. `{memory: 512Mi}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub limits: BTreeMap<String, String>,
+}
+
+/// A plugin's helper container with the plugin's defaults: what the operator renders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sidecar {
+    /// Container name (the plugin kind).
+    pub name: &'static str,
+    /// Image.
+    pub image: String,
+    /// Arguments (empty: the image's).
+    pub args: Vec<String>,
+    /// Resource requests.
+    pub requests: BTreeMap<String, String>,
+    /// Resource limits.
+    pub limits: BTreeMap<String, String>,
+    /// Directories the helper writes to (empty volumes; the root filesystem is read-only).
+    pub writable_dirs: Vec<&'static str>,
 }

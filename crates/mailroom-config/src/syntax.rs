@@ -133,6 +133,32 @@ fn check_glob(pattern: &str, what: &str, forms: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An `http://host:port[/path]` URL of a plugin's service (plain HTTP: the service runs beside
+/// the server, in the pod or on loopback). The port may be left out (80).
+pub fn check_http_url(url: &str) -> Result<(), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "{url:?}: expected an http:// URL such as http://127.0.0.1:11333"
+        ));
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') {
+        return Err(format!("{url:?}: no host"));
+    }
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return Err(format!(
+            "{url:?}: port {port:?} is not a number from 1 to 65535"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +242,27 @@ mod tests {
         assert!(check_helo_pattern("[192.0.2.*]").is_ok());
         assert!(check_helo_pattern("").is_err());
         assert!(check_helo_pattern("a b").is_err());
+    }
+
+    #[test]
+    fn http_urls() {
+        for ok in [
+            "http://127.0.0.1:11333",
+            "http://rspamd",
+            "http://[::1]:11333/",
+            "http://h:80/x",
+        ] {
+            assert_eq!(check_http_url(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "https://h",
+            "127.0.0.1:11333",
+            "http://",
+            "http://h:0",
+            "http://h:99999",
+            "http://u@h",
+        ] {
+            assert!(check_http_url(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -527,6 +527,16 @@ fn check_plugin(plugin: &PluginSpec, at: &str, p: &mut Problems) {
     if let Some(access) = &plugin.access {
         check_access(access, &format!("{at}.access"), p);
     }
+    if let Some(rspamd) = &plugin.rspamd {
+        let at = format!("{at}.rspamd");
+        p.check(format!("{at}.url"), syntax::check_http_url(&rspamd.url));
+        if rspamd.timeout.is_zero() {
+            p.push(format!("{at}.timeout"), "must be longer than 0s");
+        }
+        if let Some(sidecar) = &rspamd.sidecar {
+            p.non_empty(format!("{at}.sidecar.image"), &sidecar.image);
+        }
+    }
 }
 
 fn check_access(a: &AccessPluginSpec, at: &str, p: &mut Problems) {

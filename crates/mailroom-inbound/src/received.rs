@@ -65,6 +65,10 @@ pub fn assemble(
     }
     let mut out = Vec::with_capacity(head.len() + body.len());
     out.extend_from_slice(head.as_bytes());
-    out.extend_from_slice(body);
+    if edits.remove_headers.is_empty() {
+        out.extend_from_slice(body);
+    } else {
+        out.extend_from_slice(&edits.strip_removed(body));
+    }
     out
 }

@@ -19,12 +19,13 @@ use k8s_openapi::api::core::v1::{
     ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use mailroom_config::{
     Config, DeliveryPolicySpec, HttpSpec, JetStreamQueueSpec, ListenerSpec, LogFormat, LogSpec,
-    Problem, QueueSpec,
+    PluginSpec, Problem, QueueSpec, Sidecar,
 };
 use serde::Serialize;
 use thiserror::Error;
@@ -427,6 +428,62 @@ struct PodParts<'a> {
     resources: Option<ResourceRequirements>,
     capabilities: Vec<String>,
     grace_seconds: i64,
+    sidecars: Vec<Sidecar>,
+}
+
+fn restricted(add: Vec<String>) -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            add: (!add.is_empty()).then_some(add),
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn quantities(map: &BTreeMap<String, String>) -> Option<BTreeMap<String, Quantity>> {
+    (!map.is_empty()).then(|| {
+        map.iter()
+            .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+            .collect()
+    })
+}
+
+/// A plugin's helper container, with an empty volume for each directory it writes to.
+fn sidecar_container(sidecar: &Sidecar, volumes: &mut Vec<Volume>) -> Container {
+    let mut mounts = Vec::new();
+    for (i, dir) in sidecar.writable_dirs.iter().enumerate() {
+        let name = format!("{}-{i}", sidecar.name);
+        volumes.push(Volume {
+            name: name.clone(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name,
+            mount_path: (*dir).to_owned(),
+            ..VolumeMount::default()
+        });
+    }
+    let resources = (!sidecar.requests.is_empty() || !sidecar.limits.is_empty()).then(|| {
+        ResourceRequirements {
+            requests: quantities(&sidecar.requests),
+            limits: quantities(&sidecar.limits),
+            ..ResourceRequirements::default()
+        }
+    });
+    Container {
+        name: sidecar.name.to_owned(),
+        image: Some(sidecar.image.clone()),
+        args: (!sidecar.args.is_empty()).then(|| sidecar.args.clone()),
+        resources,
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        security_context: Some(restricted(Vec::new())),
+        ..Container::default()
+    }
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
@@ -463,9 +520,7 @@ fn deployment(
         Volume {
             name: "tmp".to_owned(),
             empty_dir: Some(EmptyDirVolumeSource {
-                size_limit: Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
-                    "64Mi".to_owned(),
-                )),
+                size_limit: Some(Quantity("64Mi".to_owned())),
                 ..EmptyDirVolumeSource::default()
             }),
             ..Volume::default()
@@ -530,18 +585,13 @@ fn deployment(
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         resources: parts.resources,
         volume_mounts: Some(mounts),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                add: (!parts.capabilities.is_empty()).then_some(parts.capabilities),
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted(parts.capabilities)),
         ..Container::default()
     };
+    let mut containers = vec![container];
+    for sidecar in &parts.sidecars {
+        containers.push(sidecar_container(sidecar, &mut volumes));
+    }
     let selector = selector_labels(parts.component, &owner.name);
     Deployment {
         metadata: child_meta(owner, name, parts.component),
@@ -558,7 +608,7 @@ fn deployment(
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
-                    containers: vec![container],
+                    containers,
                     volumes: Some(volumes),
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
@@ -639,6 +689,13 @@ pub fn render_listener(
         },
         // The server's own drain deadline plus room for the last replies.
         grace_seconds: 60,
+        // Plugins that declare a helper container (rspamd) get it in the same pod.
+        sidecars: config
+            .listeners
+            .iter()
+            .flat_map(|l| &l.plugins)
+            .filter_map(PluginSpec::sidecar)
+            .collect(),
     };
     let deployment = deployment(
         &owner,
@@ -754,6 +811,7 @@ pub fn render_policy(
         // A delivery in flight finishes or is handed back to the queue within the data-end
         // timeout; leases of killed workers expire anyway.
         grace_seconds: 120,
+        sidecars: Vec::new(),
     };
     let deployment = deployment(
         &owner,

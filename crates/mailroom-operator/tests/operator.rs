@@ -721,6 +721,14 @@ async fn samples_are_accepted_and_invalid_resources_refused() {
         })
         .await;
     }
+    // The rspamd plugin of the mx sample runs as a sidecar in the listener's pods.
+    let mx = deployments.get("mx-inbound").await.expect("mx-inbound");
+    let containers: Vec<String> = mx
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
+    assert_eq!(containers, ["mailroom", "rspamd"]);
     let listeners = h.api::<MailListener>("default");
     let policies = h.api::<DeliveryPolicy>("default");
     eventually("no sample is degraded", WAIT, || async {

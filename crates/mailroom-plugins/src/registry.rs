@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mailroom_config::PluginSpec;
 use thiserror::Error;
 
-use crate::builtin::{AccessPlugin, HeadersPlugin};
+use crate::builtin::{AccessPlugin, HeadersPlugin, RspamdPlugin};
 use crate::{PatternError, Plugin, PluginChain};
 
 /// What a plugin may need from its surroundings when it is built.
@@ -23,7 +23,7 @@ pub struct BuildContext {
 #[derive(Debug, Error)]
 pub enum PluginError {
     /// The entry sets no plugin kind or more than one.
-    #[error("{path}: each plugin entry must set exactly one plugin kind (access, headers)")]
+    #[error("{path}: each plugin entry must set exactly one plugin kind (access, headers, rspamd)")]
     Kind {
         /// Field path, e.g. `listeners[0].plugins[1]`.
         path: String,
@@ -47,16 +47,31 @@ pub fn build_chain(
     let mut plugins: Vec<Arc<dyn Plugin>> = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
         let entry = format!("{path}[{i}]");
-        match (&spec.access, &spec.headers) {
-            (Some(access), None) => plugins.push(Arc::new(AccessPlugin::new(
-                access,
-                &format!("{entry}.access"),
-            )?)),
-            (None, Some(headers)) => {
-                plugins.push(Arc::new(HeadersPlugin::new(headers, &ctx.hostname)))
-            }
+        let plugin: Arc<dyn Plugin> = match (spec.kind(), spec) {
+            (
+                Some("access"),
+                PluginSpec {
+                    access: Some(access),
+                    ..
+                },
+            ) => Arc::new(AccessPlugin::new(access, &format!("{entry}.access"))?),
+            (
+                Some("headers"),
+                PluginSpec {
+                    headers: Some(headers),
+                    ..
+                },
+            ) => Arc::new(HeadersPlugin::new(headers, &ctx.hostname)),
+            (
+                Some("rspamd"),
+                PluginSpec {
+                    rspamd: Some(rspamd),
+                    ..
+                },
+            ) => Arc::new(RspamdPlugin::new(rspamd)),
             _ => return Err(PluginError::Kind { path: entry }),
-        }
+        };
+        plugins.push(plugin);
     }
     Ok(PluginChain::new(plugins))
 }

@@ -2,6 +2,8 @@
 
 mod access;
 mod headers;
+mod rspamd;
 
 pub use access::AccessPlugin;
 pub use headers::{HeadersPlugin, has_header, header_value};
+pub use rspamd::RspamdPlugin;
