@@ -777,16 +777,41 @@ where
     }
 }
 
-/// Runs both controllers until `stop` completes. `namespace` limits them to one namespace.
+/// Runs both controllers until `stop` completes: over all namespaces when `namespaces` is
+/// empty, else over each of them (one pair of controllers per namespace, so the operator needs
+/// only namespaced permissions there).
 pub async fn run(
     ctx: Arc<Context>,
-    namespace: Option<String>,
+    namespaces: Vec<String>,
     stop: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    let controllers = futures_util::future::join_all(
+        scopes
+            .into_iter()
+            .map(|ns| run_scope(Arc::clone(&ctx), ns, stop_rx.clone())),
+    );
+    let stopper = async move {
+        stop.await;
+        let _ = stop_tx.send(true);
+    };
+    tokio::join!(controllers, stopper);
+}
+
+/// Both controllers over one namespace (`None`: all).
+async fn run_scope(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=mailroom-operator");
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
@@ -802,7 +827,7 @@ pub async fn run(
         .owns(api::<Service>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), owned.clone())
-        .graceful_shutdown_on(stopped(stop_rx.clone()))
+        .graceful_shutdown_on(stopped(stop.clone()))
         .run(reconcile_listener, error_policy, ctx.clone())
         .for_each(|result| async move { log_result(result) });
     let policies = Controller::new(
@@ -818,14 +843,10 @@ pub async fn run(
         )
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<ConfigMap>(&client, ns), owned)
-        .graceful_shutdown_on(stopped(stop_rx))
+        .graceful_shutdown_on(stopped(stop))
         .run(reconcile_policy, error_policy, ctx)
         .for_each(|result| async move { log_result(result) });
-    let stopper = async move {
-        stop.await;
-        let _ = stop_tx.send(true);
-    };
-    tokio::join!(listeners, policies, stopper);
+    tokio::join!(listeners, policies);
 }
 
 /// The resources in `store` whose spec references `secret` (same namespace): a new, changed

@@ -74,7 +74,11 @@ impl Harness {
             .with_backlog_refresh(Duration::from_secs(1)),
         );
         let stop = CancellationToken::new();
-        tokio::spawn(controller::run(ctx, None, stop.clone().cancelled_owned()));
+        tokio::spawn(controller::run(
+            ctx,
+            Vec::new(),
+            stop.clone().cancelled_owned(),
+        ));
         Self {
             plane,
             client,

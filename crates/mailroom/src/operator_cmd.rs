@@ -46,16 +46,17 @@ pub struct OperatorArgs {
     /// /etc/mailroom/queue (NATS credentials, CA).
     #[arg(long, env = "MAILROOM_QUEUE_SECRET")]
     queue_secret: Option<String>,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "MAILROOM_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces, comma-separated (default: all namespaces; then the
+    /// operator needs cluster-wide permissions, else only Roles in these namespaces).
+    #[arg(long, env = "MAILROOM_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "MAILROOM_OPERATOR_HTTP", default_value = "0.0.0.0:9326")]
     http: SocketAddr,
     /// Reconcile only while holding the Lease (for more than one replica).
     #[arg(long, env = "MAILROOM_LEADER_ELECT")]
     leader_elect: bool,
-    /// Namespace of the leader Lease (default: the watched namespace, else `default`).
+    /// Namespace of the leader Lease (default: the first watched namespace, else `default`).
     #[arg(long, env = "MAILROOM_LEADER_ELECT_NAMESPACE")]
     leader_elect_namespace: Option<String>,
     /// Name of the leader Lease.
@@ -190,12 +191,17 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
         let namespace = args
             .leader_elect_namespace
             .clone()
-            .or_else(|| args.namespace.clone())
+            .or_else(|| args.watch_namespaces.first().cloned())
             .unwrap_or_else(|| "default".to_owned());
         lead_and_run(ctx, &args, client, namespace, identity, stop.clone()).await
     } else {
-        tracing::info!(namespace = ?args.namespace, "reconciling");
-        controller::run(ctx, args.namespace.clone(), stop.clone().cancelled_owned()).await;
+        tracing::info!(namespaces = ?args.watch_namespaces, "reconciling");
+        controller::run(
+            ctx,
+            args.watch_namespaces.clone(),
+            stop.clone().cancelled_owned(),
+        )
+        .await;
         Ok(())
     };
     stop.cancel();
@@ -228,7 +234,7 @@ async fn lead_and_run(
         led = rx.wait_for(|leading| *leading) => led.is_ok(),
     };
     if led {
-        tracing::info!(namespace = ?args.namespace, "leading: reconciling");
+        tracing::info!(namespaces = ?args.watch_namespaces, "leading: reconciling");
         let lost = CancellationToken::new();
         let until = {
             let (lost, stop) = (lost.clone(), stop.clone());
@@ -247,7 +253,7 @@ async fn lead_and_run(
             }
         };
         tokio::select! {
-            () = controller::run(Arc::clone(&ctx), args.namespace.clone(), until) => {}
+            () = controller::run(Arc::clone(&ctx), args.watch_namespaces.clone(), until) => {}
             () = watch_lost => {}
         }
         if lost.is_cancelled() && !stop.is_cancelled() {

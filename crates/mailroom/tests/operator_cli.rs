@@ -32,7 +32,7 @@ impl Operator {
             .args(["--image", "registry.example/mailroom:test"])
             .args(extra)
             .env("KUBECONFIG", plane.kubeconfig_path())
-            .env_remove("MAILROOM_WATCH_NAMESPACE")
+            .env_remove("MAILROOM_WATCH_NAMESPACES")
             .stdin(Stdio::null())
             .spawn()
             .expect("mailroom operator starts");
@@ -80,11 +80,15 @@ fn free_port() -> u16 {
 }
 
 fn listener(plane: &KubeControlPlane, name: &str) {
-    let path = plane.dir().join(format!("{name}.yaml"));
+    listener_in(plane, "default", name);
+}
+
+fn listener_in(plane: &KubeControlPlane, namespace: &str, name: &str) {
+    let path = plane.dir().join(format!("{namespace}-{name}.yaml"));
     std::fs::write(
         &path,
         format!(
-            "apiVersion: mailroom.dev/v1alpha1\nkind: MailListener\nmetadata: {{ name: {name}, namespace: default }}\nspec:\n  address: \"0.0.0.0:2525\"\n  acceptedDomains: [example.test]\n"
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{ name: {namespace} }}\n---\napiVersion: mailroom.dev/v1alpha1\nkind: MailListener\nmetadata: {{ name: {name}, namespace: {namespace} }}\nspec:\n  address: \"0.0.0.0:2525\"\n  acceptedDomains: [example.test]\n"
         ),
     )
     .expect("manifest");
@@ -192,4 +196,37 @@ async fn two_replicas_elect_one_leader_that_hands_over_on_stop() {
         deployments.get_opt("second-inbound").await.ok().flatten()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_reconciles_only_the_namespaces_it_watches() {
+    let plane = KubeControlPlane::builder()
+        .crds(crds())
+        .start()
+        .expect("control plane");
+    let nats = NatsServer::start().expect("nats");
+    let _operator = Operator::start(
+        &plane,
+        &nats,
+        "scoped",
+        &["--watch-namespaces", "team-a,team-b"],
+    );
+    for ns in ["team-a", "team-b", "team-c"] {
+        listener_in(&plane, ns, "mx");
+    }
+    let client = plane.client().await.expect("client");
+    for ns in ["team-a", "team-b"] {
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+        eventually(&format!("mx-inbound in {ns}"), WAIT, || async {
+            deployments.get_opt("mx-inbound").await.ok().flatten()
+        })
+        .await;
+    }
+    // Both watched namespaces are done; the third was applied at the same time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let other: Api<Deployment> = Api::namespaced(client, "team-c");
+    assert!(
+        other.get_opt("mx-inbound").await.expect("get").is_none(),
+        "team-c is not watched"
+    );
 }
