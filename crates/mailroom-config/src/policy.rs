@@ -326,6 +326,20 @@ pub struct DestinationSpec {
     pub limits: ShapingLimits,
 }
 
+impl DestinationSpec {
+    /// Whether `domain` (lowercase) is one of `domains`, or a subdomain of a `*.` entry.
+    pub fn matches_domain(&self, domain: &str) -> bool {
+        self.domains
+            .iter()
+            .any(|pattern| match pattern.strip_prefix("*.") {
+                Some(parent) => domain
+                    .strip_suffix(parent)
+                    .is_some_and(|rest| rest.ends_with('.')),
+                None => pattern == domain,
+            })
+    }
+}
+
 /// Limits of one destination, across all workers of the policy. Absent: unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]

@@ -35,13 +35,15 @@ use kube::runtime::finalizer::{Event as Finalize, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
-use mailroom_queue::Queue;
+use mailroom_queue::{Backlog as QueueBacklog, Queue};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use thiserror::Error;
 
+use crate::autoscale;
 use crate::crd::{
-    Backlog, DeliveryPolicy, DeliveryPolicyStatus, MailListener, MailListenerStatus, SecretRef,
+    Backlog, DeliveryPolicy, DeliveryPolicyStatus, MailListener, MailListenerStatus, ScaleDecision,
+    SecretRef,
 };
 use crate::metrics;
 use crate::render::{
@@ -129,6 +131,8 @@ pub struct Context {
     queue: Arc<dyn Queue>,
     backlog_refresh: Duration,
     failures: Mutex<HashMap<String, u32>>,
+    stabilizers: Mutex<HashMap<String, autoscale::Stabilizer>>,
+    last_scale: Mutex<HashMap<String, ScaleDecision>>,
 }
 
 impl Context {
@@ -153,6 +157,8 @@ impl Context {
             queue,
             backlog_refresh: BACKLOG_REFRESH,
             failures: Mutex::new(HashMap::new()),
+            stabilizers: Mutex::new(HashMap::new()),
+            last_scale: Mutex::new(HashMap::new()),
         }
     }
 
@@ -182,18 +188,21 @@ impl Context {
             .remove(key);
     }
 
+    /// Publishes an Event. The recorder folds Events with the same reason and `action` into
+    /// one series that keeps the first note, so `action` must tell distinct happenings apart
+    /// (`Scale1To3`, `Rollout<checksum>`); repeated failures share `Reconcile`.
     async fn event<K: Resource<DynamicType = ()>>(
         &self,
         object: &K,
         type_: EventType,
-        reason: &str,
+        (reason, action): (&str, String),
         note: String,
     ) {
         let event = Event {
             type_,
             reason: reason.to_owned(),
             note: Some(truncate(note, 1000)),
-            action: "Reconcile".to_owned(),
+            action,
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
@@ -329,6 +338,7 @@ async fn apply_deployment<K: Resource<DynamicType = ()>>(
     owner: &K,
     before: Option<&Deployment>,
     deployment: &Deployment,
+    scale_reason: Option<&str>,
 ) -> Result<Deployment, Error> {
     let applied = apply(&ctx.client, deployment).await?;
     let name = deployment.name_any();
@@ -338,7 +348,7 @@ async fn apply_deployment<K: Resource<DynamicType = ()>>(
             ctx.event(
                 owner,
                 EventType::Normal,
-                "Created",
+                ("Created", "Create".to_owned()),
                 format!(
                     "created Deployment {name} with {} replicas",
                     replicas(&applied)
@@ -352,7 +362,10 @@ async fn apply_deployment<K: Resource<DynamicType = ()>>(
                 ctx.event(
                     owner,
                     EventType::Normal,
-                    "ConfigChanged",
+                    (
+                        "ConfigChanged",
+                        format!("Rollout{}", sum.get(..12).unwrap_or(&sum)),
+                    ),
                     format!(
                         "rolling Deployment {name} to config {}",
                         sum.get(..12).unwrap_or(&sum)
@@ -364,11 +377,15 @@ async fn apply_deployment<K: Resource<DynamicType = ()>>(
                 ctx.event(
                     owner,
                     EventType::Normal,
-                    "Scaled",
+                    (
+                        "Scaled",
+                        format!("Scale{}To{}", replicas(before), replicas(&applied)),
+                    ),
                     format!(
-                        "Deployment {name} from {} to {} replicas",
+                        "Deployment {name} from {} to {} replicas{}",
                         replicas(before),
-                        replicas(&applied)
+                        replicas(&applied),
+                        scale_reason.map(|r| format!(": {r}")).unwrap_or_default()
                     ),
                 )
                 .await;
@@ -449,8 +466,13 @@ where
                 .with_label_values(&[kind, e.category()])
                 .inc();
             tracing::warn!(kind, name = %object.name_any(), namespace = ?object.namespace(), error = %e, "reconcile failed");
-            ctx.event(object, EventType::Warning, e.category(), e.to_string())
-                .await;
+            ctx.event(
+                object,
+                EventType::Warning,
+                (e.category(), "Reconcile".to_owned()),
+                e.to_string(),
+            )
+            .await;
         }
     }
     result
@@ -496,7 +518,7 @@ async fn apply_listener(
     apply(&ctx.client, &objects.config_map).await?;
     let service = apply(&ctx.client, &objects.service).await?;
     apply(&ctx.client, &objects.pdb).await?;
-    let deployment = apply_deployment(ctx, ml, before.as_ref(), &objects.deployment).await?;
+    let deployment = apply_deployment(ctx, ml, before.as_ref(), &objects.deployment, None).await?;
     Ok((Rollout::of(&deployment), service_address(&service)))
 }
 
@@ -600,7 +622,71 @@ fn policy_secrets(dp: &DeliveryPolicy) -> Vec<SecretUse<'_>> {
     uses
 }
 
-async fn apply_policy(dp: &DeliveryPolicy, ctx: &Context) -> Result<Rollout, Error> {
+/// The worker count applied to a policy's Deployment, and the scaling decision when it changed.
+struct Scaling {
+    replicas: i32,
+    decision: Option<ScaleDecision>,
+}
+
+/// The autoscaler's choice for `dp`: the recommendation for `backlog`, stabilised, from
+/// `current` workers; without a backlog (queue unreachable) the current count within bounds.
+fn scale(
+    ctx: &Context,
+    dp: &DeliveryPolicy,
+    current: Option<i32>,
+    backlog: Option<&QueueBacklog>,
+) -> Scaling {
+    let Some(backlog) = backlog else {
+        return Scaling {
+            replicas: render::worker_replicas(dp, current),
+            decision: None,
+        };
+    };
+    let rec = autoscale::recommend(&dp.spec, backlog);
+    let window = dp.spec.workers.scale_down_window.as_duration();
+    let replicas = match current {
+        None => rec.replicas,
+        Some(current) => ctx
+            .stabilizers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key(dp))
+            .or_default()
+            .apply(Instant::now(), window, current, rec.replicas),
+    };
+    let mut reason = rec.reason;
+    if replicas != rec.replicas {
+        reason.push_str(&format!(
+            "; keeping {replicas} for the scale-down window ({})",
+            dp.spec.workers.scale_down_window
+        ));
+    }
+    let mut last = ctx
+        .last_scale
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let decision = if current == Some(replicas) {
+        // The object this reconcile read may predate the status write of the one that
+        // scaled; this replica's memory does not.
+        last.get(&key(dp)).cloned()
+    } else {
+        let decision = ScaleDecision {
+            time: now(),
+            from: current.unwrap_or(0),
+            to: replicas,
+            reason,
+        };
+        last.insert(key(dp), decision.clone());
+        Some(decision)
+    };
+    Scaling { replicas, decision }
+}
+
+async fn apply_policy(
+    dp: &DeliveryPolicy,
+    ctx: &Context,
+    backlog: Option<&QueueBacklog>,
+) -> Result<(Rollout, Scaling), Error> {
     let namespace = dp.namespace().unwrap_or_default();
     let digest = dereference(&ctx.client, &namespace, &policy_secrets(dp)).await?;
     let name = render::policy_child_name(&dp.name_any());
@@ -609,50 +695,59 @@ async fn apply_policy(dp: &DeliveryPolicy, ctx: &Context) -> Result<Rollout, Err
         .as_ref()
         .and_then(|d| d.spec.as_ref())
         .and_then(|s| s.replicas);
-    let objects = render_policy(
-        dp,
-        &ctx.settings,
-        render::worker_replicas(dp, current),
-        &digest,
-    )?;
+    let scaling = scale(ctx, dp, current, backlog);
+    let objects = render_policy(dp, &ctx.settings, scaling.replicas, &digest)?;
     apply(&ctx.client, &objects.config_map).await?;
-    let deployment = apply_deployment(ctx, dp, before.as_ref(), &objects.deployment).await?;
-    Ok(Rollout::of(&deployment))
+    let reason = scaling
+        .decision
+        .as_ref()
+        .filter(|d| Some(d.to) != current)
+        .map(|d| d.reason.as_str());
+    let deployment =
+        apply_deployment(ctx, dp, before.as_ref(), &objects.deployment, reason).await?;
+    Ok((Rollout::of(&deployment), scaling))
 }
 
-async fn policy_backlog(ctx: &Context, policy: &str) -> Result<Backlog, Error> {
-    let backlogs = ctx
+async fn policy_backlog(ctx: &Context, policy: &str) -> Result<QueueBacklog, Error> {
+    let mut backlogs = ctx
         .queue
         .backlogs()
         .await
         .map_err(|e| Error::Queue(e.to_string()))?;
-    let b = backlogs.get(policy).cloned().unwrap_or_default();
+    Ok(backlogs.remove(policy).unwrap_or_default())
+}
+
+fn status_backlog(b: &QueueBacklog) -> Backlog {
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-    Ok(Backlog {
+    Backlog {
         ready: count(b.ready),
         deferred: count(b.deferred),
         leased: count(b.leased),
-    })
+    }
 }
 
 async fn policy_status(
     dp: &DeliveryPolicy,
     ctx: &Context,
-    result: &Result<Rollout, Error>,
-    backlog: Option<Backlog>,
+    result: &Result<(Rollout, Scaling), Error>,
+    backlog: Option<&QueueBacklog>,
 ) -> Result<(), Error> {
     let current = dp.status.clone();
     let mut status = current.clone().unwrap_or_default();
     let outcome = match result {
-        Ok(rollout) => {
+        Ok((rollout, scaling)) => {
             status.replicas = Some(rollout.replicas);
             status.ready_replicas = Some(rollout.ready);
+            status.desired_replicas = Some(scaling.replicas);
+            if let Some(decision) = &scaling.decision {
+                status.last_scale = Some(decision.clone());
+            }
             Outcome::Applied(*rollout)
         }
         Err(e) => e.outcome(),
     };
-    if backlog.is_some() {
-        status.backlog = backlog;
+    if let Some(b) = backlog {
+        status.backlog = Some(status_backlog(b));
     }
     status.observed_generation = dp.metadata.generation;
     status.conditions = status::conditions(
@@ -667,8 +762,8 @@ async fn policy_status(
 }
 
 async fn policy_apply_event(dp: Arc<DeliveryPolicy>, ctx: &Context) -> Result<Action, Error> {
-    let result = apply_policy(&dp, ctx).await;
-    // The backlog is informational here; a queue outage must not stop the rollout.
+    // Without the backlog (queue unreachable) the workers keep their count and the rollout
+    // goes on: a queue outage must not stop configuration changes.
     let backlog = match policy_backlog(ctx, &dp.name_any()).await {
         Ok(b) => Some(b),
         Err(e) => {
@@ -676,7 +771,8 @@ async fn policy_apply_event(dp: Arc<DeliveryPolicy>, ctx: &Context) -> Result<Ac
             None
         }
     };
-    policy_status(&dp, ctx, &result, backlog).await?;
+    let result = apply_policy(&dp, ctx, backlog.as_ref()).await;
+    policy_status(&dp, ctx, &result, backlog.as_ref()).await?;
     result.map(|_| Action::requeue(ctx.backlog_refresh))
 }
 
@@ -689,7 +785,7 @@ async fn policy_cleanup(dp: Arc<DeliveryPolicy>, ctx: &Context) -> Result<Action
         Ok(b) => b,
         Err(e) if forced => {
             tracing::warn!(policy = %dp.name_any(), error = %e, "forced deletion without reading the backlog");
-            Backlog::default()
+            QueueBacklog::default()
         }
         Err(e) => {
             let blocked = Error::DeletionBlocked(format!(
@@ -707,21 +803,20 @@ async fn policy_cleanup(dp: Arc<DeliveryPolicy>, ctx: &Context) -> Result<Action
              to leave; annotate {FORCE_DELETE_ANNOTATION}=true to delete anyway",
             backlog.ready, backlog.deferred, backlog.leased
         );
-        let err = Error::DeletionBlocked(message);
         policy_status(
             &dp,
             ctx,
-            &Err(Error::DeletionBlocked(err.to_string())),
-            Some(backlog),
+            &Err(Error::DeletionBlocked(message.clone())),
+            Some(&backlog),
         )
         .await?;
-        return Err(err);
+        return Err(Error::DeletionBlocked(message));
     }
     if left > 0 {
         ctx.event(
             &*dp,
             EventType::Warning,
-            "ForcedDeletion",
+            ("ForcedDeletion", "Delete".to_owned()),
             format!("deleted with {left} messages still queued ({FORCE_DELETE_ANNOTATION})"),
         )
         .await;

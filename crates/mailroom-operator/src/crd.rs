@@ -12,9 +12,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ResourceRequirements;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
-use mailroom_config::{DeliveryPolicySpec, ListenerSpec};
+use mailroom_config::{DeliveryPolicySpec, HumanDuration, ListenerSpec};
 use serde::{Deserialize, Serialize};
 
 /// API group of both resources.
@@ -278,6 +278,12 @@ pub struct MailListenerStatus {
         description = "Ready delivery workers"
     ),
     printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas",
+        description = "Workers the autoscaler wants"
+    ),
+    printcolumn(
         name = "Relay",
         type_ = "string",
         json_path = ".spec.routing.relay.host",
@@ -346,6 +352,24 @@ pub struct WorkerBounds {
     #[serde(default = "one")]
     #[schemars(range(min = 0, max = 1000))]
     pub max_replicas: i32,
+    /// Ready messages one worker is expected to work through; the autoscaler wants
+    /// `ready / targetBacklogPerWorker` workers (never more than the destinations' connection
+    /// limits can keep busy). Default 500.
+    #[serde(default = "default_target_backlog")]
+    #[schemars(range(min = 1))]
+    pub target_backlog_per_worker: i32,
+    /// Workers are removed only when every recommendation of this window allows it, so a
+    /// short lull does not stop workers the next batch needs. Default `5m`.
+    #[serde(default = "default_scale_down_window")]
+    pub scale_down_window: HumanDuration,
+}
+
+fn default_target_backlog() -> i32 {
+    500
+}
+
+fn default_scale_down_window() -> HumanDuration {
+    HumanDuration::from_secs(300)
 }
 
 impl Default for WorkerBounds {
@@ -353,8 +377,24 @@ impl Default for WorkerBounds {
         Self {
             min_replicas: 1,
             max_replicas: 1,
+            target_backlog_per_worker: default_target_backlog(),
+            scale_down_window: default_scale_down_window(),
         }
     }
+}
+
+/// The autoscaler's last change of the worker count.
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleDecision {
+    /// When.
+    pub time: Time,
+    /// Workers before.
+    pub from: i32,
+    /// Workers after.
+    pub to: i32,
+    /// Why: the backlog, the destinations' capacity and the bounds that decided it.
+    pub reason: String,
 }
 
 /// What the operator last observed of a `DeliveryPolicy`.
@@ -377,6 +417,12 @@ pub struct DeliveryPolicyStatus {
     /// The policy's queued messages.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backlog: Option<Backlog>,
+    /// Workers the autoscaler wants now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// The autoscaler's last change of the worker count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<ScaleDecision>,
 }
 
 /// Queued messages of a policy, as last read from the queue.

@@ -4,6 +4,7 @@
 //! Later stages (render, reconcile, status, autoscaler) build on these types.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod autoscale;
 pub mod controller;
 pub mod crd;
 pub mod generate;
@@ -14,8 +15,8 @@ pub mod status;
 
 pub use crd::{
     Backlog, DeliveryPolicy, DeliveryPolicyResourceSpec, DeliveryPolicyStatus, ListenerService,
-    MailListener, MailListenerSpec, MailListenerStatus, SecretRef, ServicePort, ServiceType,
-    TrafficPolicy, WorkerBounds,
+    MailListener, MailListenerSpec, MailListenerStatus, ScaleDecision, SecretRef, ServicePort,
+    ServiceType, TrafficPolicy, WorkerBounds,
 };
 
 #[cfg(test)]

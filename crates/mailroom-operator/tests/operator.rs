@@ -784,3 +784,119 @@ async fn samples_are_accepted_and_invalid_resources_refused() {
     }
     assert!(cases >= 5);
 }
+
+fn worker_count(d: &Deployment) -> Option<i32> {
+    d.spec.as_ref().and_then(|s| s.replicas)
+}
+
+/// The autoscaler on a real queue: workers follow the ready backlog, never more than the
+/// destination's connection limit can keep busy, scale down only after the window, and to zero
+/// when allowed; status and Events say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_autoscaler_follows_the_ready_backlog_within_shaping_limits() {
+    let h = Harness::start(false).await;
+    h.namespace("mail").await;
+    let policy = |max_connections: u32, min: u32| {
+        format!(
+            "apiVersion: mailroom.dev/v1alpha1\nkind: DeliveryPolicy\nmetadata: {{ name: bulk, namespace: mail }}\n\
+             spec:\n  concurrency: 1\n  workers: {{ minReplicas: {min}, maxReplicas: 4, targetBacklogPerWorker: 2, scaleDownWindow: 3s }}\n  \
+             destinations: [{{ name: org, domains: [example.org], maxConnections: {max_connections} }}]\n"
+        )
+    };
+    h.kubectl_apply(&policy(2, 1));
+    let deployments = h.api::<Deployment>("mail");
+    let policies = h.api::<DeliveryPolicy>("mail");
+    let d = eventually("Deployment bulk-outbound", WAIT, || async {
+        deployments.get_opt("bulk-outbound").await.ok().flatten()
+    })
+    .await;
+    assert_eq!(worker_count(&d), Some(1), "minReplicas with an empty queue");
+
+    for n in 0..5 {
+        let mut message =
+            mailroom_queue::contract::message("a@example.test", &[&format!("r{n}@example.org")]);
+        message.envelope.policy = "bulk".to_owned();
+        h.queue.enqueue(message).await.expect("enqueue");
+    }
+    // 5 ready / 2 per worker = 3, but example.org takes 2 connections: 2 workers of 1.
+    eventually("2 workers (the destination's limit)", WAIT, || async {
+        let d = deployments.get("bulk-outbound").await.ok()?;
+        (worker_count(&d) == Some(2)).then_some(())
+    })
+    .await;
+    // The status write follows the Deployment's in the same reconcile.
+    let st = eventually("status with the decision", WAIT, || async {
+        let st = policies.get("bulk").await.ok()?.status?;
+        (st.desired_replicas == Some(2)).then_some(st)
+    })
+    .await;
+    let decision = st.last_scale.expect("a scaling decision");
+    assert_eq!((decision.from, decision.to), (1, 2));
+    assert!(decision.reason.contains("5 ready"), "{}", decision.reason);
+
+    // The limit is raised: demand decides.
+    h.kubectl_apply(&policy(10, 1));
+    eventually("3 workers", WAIT, || async {
+        let d = deployments.get("bulk-outbound").await.ok()?;
+        (worker_count(&d) == Some(3)).then_some(())
+    })
+    .await;
+
+    // The workers deliver everything: back to minReplicas, but only after the window.
+    let leases = h
+        .queue
+        .lease(&LeaseRequest {
+            policy: "bulk".to_owned(),
+            max: 10,
+            wait: Duration::from_secs(2),
+            max_age: None,
+        })
+        .await
+        .expect("lease");
+    assert_eq!(leases.len(), 5);
+    for lease in leases {
+        h.queue.ack(lease).await.expect("ack");
+    }
+    let drained = std::time::Instant::now();
+    eventually("1 worker after the window", WAIT, || async {
+        let d = deployments.get("bulk-outbound").await.ok()?;
+        (worker_count(&d) == Some(1)).then_some(())
+    })
+    .await;
+    assert!(
+        drained.elapsed() >= Duration::from_secs(2),
+        "scaled down after {:?}, before the 3 s window",
+        drained.elapsed()
+    );
+    // Scale to zero when allowed.
+    h.kubectl_apply(&policy(10, 0));
+    eventually("0 workers", WAIT, || async {
+        let d = deployments.get("bulk-outbound").await.ok()?;
+        (worker_count(&d) == Some(0)).then_some(())
+    })
+    .await;
+    let events = eventually("Scaled events", WAIT, || async {
+        let text = h
+            .plane
+            .kubectl_ok(&[
+                "get",
+                "events",
+                "-n",
+                "mail",
+                "--field-selector",
+                "involvedObject.name=bulk,reason=Scaled",
+            ])
+            .ok()?;
+        text.contains("to 0 replicas").then_some(text)
+    })
+    .await;
+    assert!(events.contains("ready / 2 per worker"), "{events}");
+    let table = h
+        .plane
+        .kubectl_ok(&["get", "dp", "-n", "mail"])
+        .expect("kubectl get dp");
+    assert!(
+        table.lines().next().unwrap_or_default().contains("DESIRED"),
+        "{table}"
+    );
+}

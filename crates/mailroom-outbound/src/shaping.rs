@@ -55,10 +55,6 @@ impl Destination {
     /// The destination of `domain` with MX hosts `mx_hosts` under `policy`.
     pub fn of(policy: &DeliveryPolicySpec, domain: &str, mx_hosts: &[&str]) -> Destination {
         let domain = domain.to_ascii_lowercase();
-        let matches_domain = |pattern: &String| match pattern.strip_prefix("*.") {
-            Some(parent) => domain.ends_with(&format!(".{parent}")),
-            None => *pattern == domain,
-        };
         let matches_mx = |suffix: &String| {
             mx_hosts.iter().any(|host| {
                 let host = host.trim_end_matches('.').to_ascii_lowercase();
@@ -66,7 +62,7 @@ impl Destination {
             })
         };
         for dest in &policy.destinations {
-            if dest.domains.iter().any(matches_domain) || dest.mx_suffixes.iter().any(matches_mx) {
+            if dest.matches_domain(&domain) || dest.mx_suffixes.iter().any(matches_mx) {
                 return Destination {
                     key: format!("dest:{}", dest.name),
                     limits: dest.limits.clone(),

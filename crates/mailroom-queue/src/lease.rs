@@ -147,7 +147,7 @@ pub struct Retry {
 }
 
 /// The backlog of one delivery policy.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Backlog {
     /// Entries due now and not leased: what more workers would deliver sooner. The autoscaler
     /// scales on this.
@@ -156,6 +156,10 @@ pub struct Backlog {
     pub deferred: u64,
     /// Entries leased to a worker right now, as far as the backend can tell (0 when it cannot).
     pub leased: u64,
+    /// Entries due now (ready or leased) by destination domain: how many deliveries could run
+    /// at once if nothing else limited them. The autoscaler caps workers with it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub due_by_domain: BTreeMap<String, u64>,
 }
 
 /// The delivery status of one entry of a message, for `mailroom queue show`.

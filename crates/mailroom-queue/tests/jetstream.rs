@@ -662,7 +662,7 @@ async fn deferred_entries_are_not_consumer_backlog() {
         (1, 0),
         "only the new entry is consumer backlog"
     );
-    let backlog = queue.backlogs().await.expect("backlogs")["default"];
+    let backlog = queue.backlogs().await.expect("backlogs")["default"].clone();
     assert_eq!((backlog.ready, backlog.deferred, backlog.leased), (1, 2, 0));
     let deferred: usize = subjects(&js)
         .await
@@ -686,6 +686,6 @@ async fn deferred_entries_are_not_consumer_backlog() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let backlog = queue.backlogs().await.expect("backlogs")["default"];
+    let backlog = queue.backlogs().await.expect("backlogs")["default"].clone();
     assert_eq!((backlog.ready, backlog.deferred), (3, 0));
 }

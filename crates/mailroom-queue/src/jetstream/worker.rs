@@ -606,7 +606,14 @@ impl Inner {
         let mut out = Backlogs::new();
         for (place, count) in self.subject_counts(&resources).await? {
             match place {
-                Place::Due { policy, .. } => *due.entry(policy).or_default() += count,
+                Place::Due { policy, domain } => {
+                    *due.entry(policy.clone()).or_default() += count;
+                    *out.entry(policy)
+                        .or_default()
+                        .due_by_domain
+                        .entry(domain)
+                        .or_default() += count;
+                }
                 Place::Deferred { policy, .. } => out.entry(policy).or_default().deferred += count,
             }
         }

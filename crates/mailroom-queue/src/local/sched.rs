@@ -515,14 +515,20 @@ impl Sched {
             if due.is_empty() {
                 continue;
             }
-            let ready = due.iter().take_while(|(at, _, _)| *at <= now_ms).count() as u64;
             let b = out.entry(policy.clone()).or_default();
+            let mut ready = 0;
+            for (_, _, domain) in due.iter().take_while(|(at, _, _)| *at <= now_ms) {
+                ready += 1;
+                *b.due_by_domain.entry(domain.clone()).or_default() += 1;
+            }
             b.ready += ready;
             b.deferred += due.len() as u64 - ready;
         }
-        for (_, id, _) in &self.held {
+        for (_, id, domain) in &self.held {
             if let Some(m) = self.messages.get(id) {
-                out.entry(m.policy.clone()).or_default().leased += 1;
+                let b = out.entry(m.policy.clone()).or_default();
+                b.leased += 1;
+                *b.due_by_domain.entry(domain.clone()).or_default() += 1;
             }
         }
         out
@@ -596,10 +602,15 @@ mod tests {
             Backlog {
                 ready: 0,
                 deferred: 1,
-                leased: 0
+                leased: 0,
+                due_by_domain: Default::default(),
             }
         );
         assert_eq!(s.backlogs(5000)["default"].ready, 1);
+        assert_eq!(
+            s.backlogs(5000)["default"].due_by_domain,
+            [("a.example".to_owned(), 1)].into()
+        );
         let parsed = StateFile::parse(&file.encode()).unwrap();
         let mut restored = Sched::default();
         restored.insert(&e, Some(parsed));
