@@ -41,10 +41,11 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install -q cargo-fuzz --locked
 fi
 # Servers the integration tests run (nats-server; etcd + kube-apiserver + kube-controller-manager
-# + kubectl for mailroom-testkit's KubeControlPlane), built from the Go module proxy into
-# ~/.cache/mailroom/tools and reused across clones (e2e/tools/README.md). Warm cache: about 1 s;
-# a cold build of the Kubernetes tools takes several minutes (progress on stderr). Not helm yet.
+# + kubectl for mailroom-testkit's KubeControlPlane; helm for the chart tests), built from the Go
+# module proxy into ~/.cache/mailroom/tools and reused across clones (e2e/tools/README.md). Warm
+# cache: about 1 s; a cold build of the Kubernetes tools and helm takes several minutes
+# (progress on stderr).
 say "test binaries (e2e/tools/build.sh)"
-./e2e/tools/build.sh nats-server etcd kube-apiserver kube-controller-manager kubectl >/dev/null
+./e2e/tools/build.sh nats-server etcd kube-apiserver kube-controller-manager kubectl helm >/dev/null
 
 say "test dependencies ready"

@@ -13,7 +13,7 @@
 #
 # Usage: e2e/tools/build.sh [--force] [tool...|all]
 #   no tool named: the tools in TOOLS (nats-server); CI names the Kubernetes test tools too
-#   by name only (CI names all but helm; a cold build takes minutes, see README.md):
+#   by name only (CI names them all, via scripts/test-deps.sh; a cold build takes minutes, see README.md):
 #     etcd kube-apiserver kube-controller-manager kubectl helm
 #   all: both lists
 #

@@ -41,6 +41,8 @@ pub enum Tool {
     KubeControllerManager,
     /// `kubectl` (pinned in `e2e/tools/k8s/go.mod`).
     Kubectl,
+    /// `helm` v3 (pinned in `e2e/tools/helm/go.mod`), for the chart tests.
+    Helm,
 }
 
 impl Tool {
@@ -52,6 +54,7 @@ impl Tool {
             Self::KubeApiserver => "kube-apiserver",
             Self::KubeControllerManager => "kube-controller-manager",
             Self::Kubectl => "kubectl",
+            Self::Helm => "helm",
         }
     }
 
@@ -64,6 +67,7 @@ impl Tool {
             Self::KubeApiserver => "MAILROOM_KUBE_APISERVER",
             Self::KubeControllerManager => "MAILROOM_KUBE_CONTROLLER_MANAGER",
             Self::Kubectl => "MAILROOM_KUBECTL",
+            Self::Helm => "MAILROOM_HELM",
         }
     }
 
@@ -75,6 +79,7 @@ impl Tool {
             Self::Etcd | Self::KubeApiserver | Self::KubeControllerManager | Self::Kubectl => {
                 BUILD_KUBE_TOOLS
             }
+            Self::Helm => "e2e/tools/build.sh helm",
         }
     }
 
@@ -86,6 +91,7 @@ impl Tool {
             Self::KubeApiserver | Self::KubeControllerManager | Self::Kubectl => {
                 ("k8s", "k8s.io/kubernetes")
             }
+            Self::Helm => ("helm", "helm.sh/helm/v3"),
         }
     }
 
@@ -363,6 +369,23 @@ mod tests {
         assert!((major, minor) >= (1, 36), "pinned {kube}");
         let etcd = Tool::Etcd.pinned_version().expect("etcd/go.mod pin");
         assert!(version_key(&etcd).expect("semver").0 == 3, "pinned {etcd}");
+        let helm = Tool::Helm.pinned_version().expect("helm/go.mod pin");
+        assert!(version_key(&helm).expect("semver").0 == 3, "pinned {helm}");
+    }
+
+    #[test]
+    fn helm_is_found_through_its_variable_and_explains_its_build() {
+        let mut l = lookup(None, None);
+        l.tool = Tool::Helm;
+        let msg = resolve(&l).expect_err("nothing there").to_string();
+        assert!(msg.contains("e2e/tools/build.sh helm"), "{msg}");
+        assert!(msg.contains("MAILROOM_HELM"), "{msg}");
+
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let bin = fake_bin(tmp.path(), "helm-v3.22.0/bin/helm");
+        l.tools_dir = Some(tmp.path().to_path_buf());
+        l.pinned = Some("v3.22.0".to_owned());
+        assert_eq!(resolve(&l).expect("found"), bin);
     }
 
     #[test]

@@ -165,8 +165,10 @@ impl KubeControlPlaneBuilder {
 /// ```
 ///
 /// Binaries come from [`Tool::find`] (`MAILROOM_ETCD`, `MAILROOM_KUBE_APISERVER`,
-/// `MAILROOM_KUBE_CONTROLLER_MANAGER`, `MAILROOM_KUBECTL`, else the tools cache, else `PATH`);
-/// build them with `e2e/tools/build.sh etcd kube-apiserver kube-controller-manager kubectl`.
+/// `MAILROOM_KUBE_CONTROLLER_MANAGER`, `MAILROOM_KUBECTL`, `MAILROOM_HELM`, else the tools cache,
+/// else `PATH`); build them with
+/// `e2e/tools/build.sh etcd kube-apiserver kube-controller-manager kubectl` (and `helm` for
+/// [`Self::helm`]).
 ///
 /// Lifetime: the processes are children of the test process and are stopped (SIGTERM, then
 /// SIGKILL after 10 s, in reverse start order) when the handle is dropped, also when a test
@@ -657,6 +659,25 @@ impl KubeControlPlane {
             status: out.status.to_string(),
             stderr: String::from_utf8_lossy(stderr).trim_end().to_owned(),
         })
+    }
+
+    /// Runs `helm --kubeconfig <admin kubeconfig> <args...>` (blocking) with helm's cache,
+    /// config and data homes in `<dir>/helm/` (see [`crate::helm()`]) and returns its output
+    /// whatever the exit status. helm is looked up on first use ([`Tool::Helm`]; build it with
+    /// `e2e/tools/build.sh helm`). There is no kubelet: `helm install --wait` would never finish.
+    ///
+    /// # Errors
+    /// helm not found or not spawnable.
+    pub fn helm(&self, args: &[&str]) -> Result<Output> {
+        crate::helm::run(&self.dir.join("helm"), Some(&self.kubeconfig_path()), args)
+    }
+
+    /// [`Self::helm`], and its stdout if it exited with 0.
+    ///
+    /// # Errors
+    /// helm not found, or [`TestkitError::CommandFailed`] with its stderr.
+    pub fn helm_ok(&self, args: &[&str]) -> Result<String> {
+        crate::helm::success(args, self.helm(args)?)
     }
 
     /// Stops every process in reverse start order (SIGTERM, SIGKILL after 10 s each). The dir

@@ -6,7 +6,9 @@
 //! * [`NatsCluster`]: N routed `nats-server` nodes with clustered JetStream; kill and restart
 //!   single nodes.
 //! * [`KubeControlPlane`]: etcd + kube-apiserver (+ kube-controller-manager) with a generated
-//!   PKI and RBAC on, an admin kubeconfig, a kube-rs client and kubectl ("envtest for Rust").
+//!   PKI and RBAC on, an admin kubeconfig, a kube-rs client, kubectl and helm ("envtest for
+//!   Rust").
+//! * [`helm()`]: `helm` with isolated homes, for `helm lint` / `helm template` in chart tests.
 //!
 //! The binaries are not downloaded at test time. `e2e/tools/build.sh` builds them once from the
 //! Go module proxy into `${MAILROOM_TOOLS_DIR:-~/.cache/mailroom/tools}/<tool>-<version>/bin/`,
@@ -29,6 +31,7 @@
 mod binary;
 mod dns;
 mod error;
+mod helm;
 mod kube;
 mod nats;
 mod nats_cluster;
@@ -43,6 +46,7 @@ pub use binary::{
 };
 pub use dns::{DEFAULT_TTL, DnsServer, Zone};
 pub use error::{Result, TestkitError};
+pub use helm::{helm, helm_ok};
 pub use nats::{NatsServer, NatsServerBuilder};
 pub use nats_cluster::{NatsCluster, NatsClusterBuilder};
 pub use wait::eventually;
