@@ -144,6 +144,7 @@ mod tests {
             deferred: 0,
             leased,
             due_by_domain: due.iter().map(|(d, n)| ((*d).to_owned(), *n)).collect(),
+            deferred_by_domain: BTreeMap::new(),
         }
     }
 

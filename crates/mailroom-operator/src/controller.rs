@@ -49,7 +49,7 @@ use crate::metrics;
 use crate::render::{
     self, CHECKSUM_ANNOTATION, FIELD_MANAGER, RenderError, Settings, render_listener, render_policy,
 };
-use crate::status::{self, Outcome, Rollout, reason};
+use crate::status::{self, ActiveRule, Outcome, Rollout, reason};
 
 /// Finalizer on every `DeliveryPolicy`: removed once its queue holds no mail.
 pub const QUEUE_FINALIZER: &str = "mailroom.dev/queue-drained";
@@ -133,6 +133,7 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     stabilizers: Mutex<HashMap<String, autoscale::Stabilizer>>,
     last_scale: Mutex<HashMap<String, ScaleDecision>>,
+    shaping: Option<async_nats::jetstream::Context>,
 }
 
 impl Context {
@@ -159,6 +160,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             stabilizers: Mutex::new(HashMap::new()),
             last_scale: Mutex::new(HashMap::new()),
+            shaping: None,
         }
     }
 
@@ -167,6 +169,47 @@ impl Context {
     pub fn with_backlog_refresh(mut self, every: Duration) -> Self {
         self.backlog_refresh = every;
         self
+    }
+
+    /// Reads the workers' traffic-shaping state (JetStream KV next to the queue), so that
+    /// policy status shows the response-driven rules in force.
+    #[must_use]
+    pub fn with_shaping_state(mut self, jetstream: async_nats::jetstream::Context) -> Self {
+        self.shaping = Some(jetstream);
+        self
+    }
+
+    /// The rules in force for `policy`; empty when unknown (logged).
+    async fn active_rules(&self, policy: &str) -> Vec<ActiveRule> {
+        use mailroom_outbound::shaping::{KvStore, ShapingStore};
+        let Some(js) = &self.shaping else {
+            return Vec::new();
+        };
+        let queue = &self.settings.queue;
+        let store =
+            match KvStore::open(js, &queue.stream, policy, usize::from(queue.replicas)).await {
+                Ok(store) => store,
+                Err(e) => {
+                    tracing::warn!(policy, error = %e, "cannot read the shaping state");
+                    return Vec::new();
+                }
+            };
+        match store.overrides().await {
+            Ok(list) => list
+                .into_iter()
+                .map(|o| ActiveRule {
+                    dest: o.dest,
+                    rule: o.rule,
+                    rate: o.rate,
+                    until_ms: o.until_ms,
+                    response: o.response,
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(policy, error = %e, "cannot read the rules in force");
+                Vec::new()
+            }
+        }
     }
 
     /// Records a failure of `key` and returns how long to wait before the next try.
@@ -748,6 +791,8 @@ async fn policy_status(
     };
     if let Some(b) = backlog {
         status.backlog = Some(status_backlog(b));
+        let rules = ctx.active_rules(&dp.name_any()).await;
+        status.destinations = status::destinations(&dp.spec, b, &rules);
     }
     status.observed_generation = dp.metadata.generation;
     status.conditions = status::conditions(

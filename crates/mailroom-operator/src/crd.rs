@@ -423,6 +423,42 @@ pub struct DeliveryPolicyStatus {
     /// The autoscaler's last change of the worker count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleDecision>,
+    /// The destinations with the most queued mail (at most 10), and every destination a
+    /// response-driven rule holds back: where mail waits, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destinations: Vec<DestinationStatus>,
+}
+
+/// Queued mail of one destination (a `destinations` entry, or a recipient domain).
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationStatus {
+    /// The `destinations` entry's name, or the domain.
+    pub name: String,
+    /// Entries due now (waiting for a worker or being delivered).
+    pub due: i64,
+    /// Entries waiting for a retry after a temporary failure.
+    pub deferred: i64,
+    /// A response-driven rule in force for this destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleInForce>,
+}
+
+/// A suspension or throttle a receiving server's reply triggered.
+#[derive(schemars::JsonSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuleInForce {
+    /// The rule's name (`rules[].name`).
+    pub name: String,
+    /// `suspend` or `throttle`.
+    pub action: String,
+    /// The throttled rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Until when.
+    pub until: Time,
+    /// The remote reply that triggered it (at most 200 characters).
+    pub response: String,
 }
 
 /// Queued messages of a policy, as last read from the queue.

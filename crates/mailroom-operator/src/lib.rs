@@ -14,9 +14,9 @@ pub mod render;
 pub mod status;
 
 pub use crd::{
-    Backlog, DeliveryPolicy, DeliveryPolicyResourceSpec, DeliveryPolicyStatus, ListenerService,
-    MailListener, MailListenerSpec, MailListenerStatus, ScaleDecision, SecretRef, ServicePort,
-    ServiceType, TrafficPolicy, WorkerBounds,
+    Backlog, DeliveryPolicy, DeliveryPolicyResourceSpec, DeliveryPolicyStatus, DestinationStatus,
+    ListenerService, MailListener, MailListenerSpec, MailListenerStatus, RuleInForce,
+    ScaleDecision, SecretRef, ServicePort, ServiceType, TrafficPolicy, WorkerBounds,
 };
 
 #[cfg(test)]

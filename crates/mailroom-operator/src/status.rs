@@ -167,6 +167,92 @@ pub fn conditions(
     list
 }
 
+/// Most destinations listed in a policy's status (besides those a rule holds back).
+pub const TOP_DESTINATIONS: usize = 10;
+
+/// A rule in force as the shaping state keeps it: destination key (`dest:<name>` or
+/// `domain:<domain>`), rule name, rate (`None`: suspended), end (Unix ms) and the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActiveRule {
+    /// Destination key.
+    pub dest: String,
+    /// Rule name.
+    pub rule: String,
+    /// Throttled rate; `None` means suspended.
+    pub rate: Option<String>,
+    /// Unix milliseconds.
+    pub until_ms: u64,
+    /// The reply that triggered it.
+    pub response: String,
+}
+
+/// Where a policy's mail waits: queued entries grouped by destination the way traffic shaping
+/// groups them (a `destinations` entry's domains together, other domains each on their own),
+/// the [`TOP_DESTINATIONS`] largest first, plus every destination a rule holds back.
+pub fn destinations(
+    spec: &crate::crd::DeliveryPolicyResourceSpec,
+    backlog: &mailroom_queue::Backlog,
+    rules: &[ActiveRule],
+) -> Vec<crate::crd::DestinationStatus> {
+    use std::collections::BTreeMap;
+    let key = |domain: &str| match spec
+        .policy
+        .destinations
+        .iter()
+        .find(|d| d.matches_domain(domain))
+    {
+        Some(dest) => format!("dest:{}", dest.name),
+        None => format!("domain:{domain}"),
+    };
+    let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (domain, n) in &backlog.due_by_domain {
+        counts.entry(key(domain)).or_default().0 += n;
+    }
+    for (domain, n) in &backlog.deferred_by_domain {
+        counts.entry(key(domain)).or_default().1 += n;
+    }
+    for rule in rules {
+        counts.entry(rule.dest.clone()).or_default();
+    }
+    let mut list: Vec<(String, (u64, u64))> = counts.into_iter().collect();
+    list.sort_by(|a, b| (b.1.0 + b.1.1).cmp(&(a.1.0 + a.1.1)).then(a.0.cmp(&b.0)));
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    list.into_iter()
+        .enumerate()
+        .filter_map(|(i, (dest, (due, deferred)))| {
+            let rule = rules
+                .iter()
+                .find(|r| r.dest == dest)
+                .map(|r| crate::crd::RuleInForce {
+                    name: r.rule.clone(),
+                    action: if r.rate.is_some() {
+                        "throttle"
+                    } else {
+                        "suspend"
+                    }
+                    .to_owned(),
+                    rate: r.rate.clone(),
+                    until: Time(
+                        k8s_openapi::jiff::Timestamp::from_millisecond(
+                            i64::try_from(r.until_ms).unwrap_or(i64::MAX),
+                        )
+                        .unwrap_or(k8s_openapi::jiff::Timestamp::MAX),
+                    ),
+                    response: r.response.chars().take(200).collect(),
+                });
+            (i < TOP_DESTINATIONS || rule.is_some()).then(|| crate::crd::DestinationStatus {
+                name: dest
+                    .split_once(':')
+                    .map_or(dest.as_str(), |(_, name)| name)
+                    .to_owned(),
+                due: count(due),
+                deferred: count(deferred),
+                rule,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,5 +331,52 @@ mod tests {
         assert_eq!(get(&list, DEGRADED).reason, reason::SECRET_NOT_FOUND);
         assert_eq!(get(&list, READY).status, "False");
         assert!(get(&list, READY).message.contains("tlsSecretRef"));
+    }
+}
+
+#[cfg(test)]
+mod destination_tests {
+    use super::*;
+
+    #[test]
+    fn destinations_group_like_shaping_and_show_rules() {
+        let spec: crate::crd::DeliveryPolicyResourceSpec = serde_saphyr::from_str(
+            "destinations: [{ name: google, domains: [gmail.com, googlemail.com] }]\n",
+        )
+        .unwrap();
+        let backlog = mailroom_queue::Backlog {
+            due_by_domain: [
+                ("gmail.com".into(), 3),
+                ("googlemail.com".into(), 2),
+                ("a.test".into(), 1),
+            ]
+            .into(),
+            deferred_by_domain: [("b.test".into(), 7)].into(),
+            ..Default::default()
+        };
+        let mut many = backlog.clone();
+        for i in 0..20 {
+            many.due_by_domain.insert(format!("x{i}.test"), 1);
+        }
+        let rules = vec![ActiveRule {
+            dest: "domain:quiet.test".into(),
+            rule: "slow-down".into(),
+            rate: Some("10/m".into()),
+            until_ms: 1_900_000_000_000,
+            response: "421 4.7.0 too fast".into(),
+        }];
+        let list = destinations(&spec, &backlog, &rules);
+        let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["b.test", "google", "a.test", "quiet.test"]);
+        assert_eq!((list[1].due, list[1].deferred), (5, 0));
+        let rule = list[3].rule.as_ref().unwrap();
+        assert_eq!(
+            (rule.action.as_str(), rule.rate.as_deref()),
+            ("throttle", Some("10/m"))
+        );
+        // Only the largest ten, but a destination held back by a rule always shows.
+        let list = destinations(&spec, &many, &rules);
+        assert_eq!(list.len(), TOP_DESTINATIONS + 1);
+        assert_eq!(list.last().unwrap().name, "quiet.test");
     }
 }

@@ -36,12 +36,17 @@ struct Harness {
     plane: KubeControlPlane,
     client: Client,
     queue: Arc<dyn Queue>,
+    js: async_nats::jetstream::Context,
     stop: CancellationToken,
     _nats: NatsServer,
 }
 
 impl Harness {
     async fn start(controller_manager: bool) -> Self {
+        // The operator's logs, for a failing test: MAILROOM_TEST_LOG=mailroom_operator=debug.
+        if let Ok(filter) = std::env::var("MAILROOM_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+        }
         let plane = KubeControlPlane::builder()
             .controller_manager(controller_manager)
             .crds(generate::repo_crds_dir())
@@ -49,14 +54,14 @@ impl Harness {
             .expect("control plane starts");
         let client = plane.client().await.expect("client");
         let nats = NatsServer::start().expect("nats-server starts");
-        let queue: Arc<dyn Queue> = Arc::new(
-            JetStreamQueue::connect(JetStreamOptions {
-                urls: vec![nats.url()],
-                ..JetStreamOptions::default()
-            })
-            .await
-            .expect("queue"),
-        );
+        let jetstream_queue = JetStreamQueue::connect(JetStreamOptions {
+            urls: vec![nats.url()],
+            ..JetStreamOptions::default()
+        })
+        .await
+        .expect("queue");
+        let js = jetstream_queue.context().clone();
+        let queue: Arc<dyn Queue> = Arc::new(jetstream_queue);
         let settings = Settings::new(
             "registry.example/mailroom:test",
             JetStreamQueueSpec {
@@ -71,7 +76,8 @@ impl Harness {
                 Arc::clone(&queue),
                 Some("test-operator".to_owned()),
             )
-            .with_backlog_refresh(Duration::from_secs(1)),
+            .with_backlog_refresh(Duration::from_secs(1))
+            .with_shaping_state(js.clone()),
         );
         let stop = CancellationToken::new();
         tokio::spawn(controller::run(
@@ -83,6 +89,7 @@ impl Harness {
             plane,
             client,
             queue,
+            js,
             stop,
             _nats: nats,
         }
@@ -898,5 +905,69 @@ async fn the_autoscaler_follows_the_ready_backlog_within_shaping_limits() {
     assert!(
         table.lines().next().unwrap_or_default().contains("DESIRED"),
         "{table}"
+    );
+}
+
+/// Policy status says where mail waits: queued entries by destination (grouped like traffic
+/// shaping) and the response-driven rules the workers put in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_status_shows_where_mail_waits_and_why() {
+    use mailroom_outbound::shaping::{KvStore, Override, ShapingStore};
+    let h = Harness::start(false).await;
+    h.namespace("mail").await;
+    h.kubectl_apply(
+        "apiVersion: mailroom.dev/v1alpha1\nkind: DeliveryPolicy\nmetadata: { name: bulk, namespace: mail }\n\
+         spec:\n  destinations: [{ name: org, domains: [example.org, \"*.example.org\"] }]\n",
+    );
+    for to in [
+        "a@example.org",
+        "b@sub.example.org",
+        "c@example.org",
+        "d@example.net",
+    ] {
+        let mut message = mailroom_queue::contract::message("s@example.test", &[to]);
+        message.envelope.policy = "bulk".to_owned();
+        h.queue.enqueue(message).await.expect("enqueue");
+    }
+    // What a worker records when example.net answers 421 and a throttle rule matches.
+    let store = KvStore::open(&h.js, "MAILROOM", "bulk", 1)
+        .await
+        .expect("shaping state");
+    let until_ms = mailroom_queue::now_ms() + 3_600_000;
+    store
+        .set_override(&Override {
+            dest: "domain:example.net".to_owned(),
+            rule: "slow-down".to_owned(),
+            rate: Some("10/m".to_owned()),
+            until_ms,
+            response: "421 4.7.0 Try again later".to_owned(),
+        })
+        .await
+        .expect("override");
+    let policies = h.api::<DeliveryPolicy>("mail");
+    let list = eventually("destinations in status", WAIT, || async {
+        let list = policies.get("bulk").await.ok()?.status?.destinations;
+        (list.len() == 2 && list[0].due == 3).then_some(list)
+    })
+    .await;
+    assert_eq!((list[0].name.as_str(), list[0].deferred), ("org", 0));
+    assert_eq!((list[1].name.as_str(), list[1].due), ("example.net", 1));
+    let rule = list[1].rule.as_ref().expect("the throttle");
+    assert_eq!(
+        (
+            rule.name.as_str(),
+            rule.action.as_str(),
+            rule.rate.as_deref()
+        ),
+        ("slow-down", "throttle", Some("10/m"))
+    );
+    assert!(rule.response.starts_with("421"), "{}", rule.response);
+    let yaml = h
+        .plane
+        .kubectl_ok(&["get", "dp", "bulk", "-n", "mail", "-o", "yaml"])
+        .expect("kubectl get -o yaml");
+    assert!(
+        yaml.contains("slow-down") && yaml.contains("example.net"),
+        "{yaml}"
     );
 }

@@ -556,9 +556,10 @@ pub async fn defer_comes_back_after_delay<B: Backend>(backend: &mut B) {
             .get("default")
             .cloned()
             .unwrap_or_default();
-        // The due entry counts per domain too; the deferred one does not.
+        // Each entry counts by domain too, under due or deferred.
         let due: u64 = backlog.due_by_domain.values().sum();
-        if (backlog.ready, backlog.deferred, due) == (1, 1, 1) {
+        let deferred: u64 = backlog.deferred_by_domain.values().sum();
+        if (backlog.ready, backlog.deferred, due, deferred) == (1, 1, 1, 1) {
             break;
         }
         assert!(

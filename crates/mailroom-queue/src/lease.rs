@@ -160,6 +160,9 @@ pub struct Backlog {
     /// at once if nothing else limited them. The autoscaler caps workers with it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub due_by_domain: BTreeMap<String, u64>,
+    /// Entries waiting for a retry, by destination domain.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub deferred_by_domain: BTreeMap<String, u64>,
 }
 
 /// The delivery status of one entry of a message, for `mailroom queue show`.

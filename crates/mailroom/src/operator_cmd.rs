@@ -131,7 +131,7 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG, or the pod's service account)")?;
-    let (queue, _) = open_queue_and_context(
+    let (queue, jetstream) = open_queue_and_context(
         &QueueSpec {
             local: None,
             jetstream: Some(queue_spec.clone()),
@@ -151,15 +151,17 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
         queue_secret: args.queue_secret.clone(),
         log_level: args.pod_log_level.clone(),
     };
-    let ctx = Arc::new(
-        Context::new(
-            client.clone(),
-            settings,
-            Arc::clone(&queue),
-            Some(identity.clone()),
-        )
-        .with_backlog_refresh(args.backlog_interval),
-    );
+    let mut ctx = Context::new(
+        client.clone(),
+        settings,
+        Arc::clone(&queue),
+        Some(identity.clone()),
+    )
+    .with_backlog_refresh(args.backlog_interval);
+    if let Some(js) = jetstream {
+        ctx = ctx.with_shaping_state(js);
+    }
+    let ctx = Arc::new(ctx);
 
     let stop = CancellationToken::new();
     let started = Arc::new(AtomicBool::new(false));

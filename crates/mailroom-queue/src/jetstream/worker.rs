@@ -614,7 +614,11 @@ impl Inner {
                         .entry(domain)
                         .or_default() += count;
                 }
-                Place::Deferred { policy, .. } => out.entry(policy).or_default().deferred += count,
+                Place::Deferred { policy, domain, .. } => {
+                    let b = out.entry(policy).or_default();
+                    b.deferred += count;
+                    *b.deferred_by_domain.entry(domain).or_default() += count;
+                }
             }
         }
         for (policy, count) in due {

@@ -516,13 +516,15 @@ impl Sched {
                 continue;
             }
             let b = out.entry(policy.clone()).or_default();
-            let mut ready = 0;
-            for (_, _, domain) in due.iter().take_while(|(at, _, _)| *at <= now_ms) {
-                ready += 1;
-                *b.due_by_domain.entry(domain.clone()).or_default() += 1;
+            for (at, _, domain) in due {
+                let (count, by_domain) = if *at <= now_ms {
+                    (&mut b.ready, &mut b.due_by_domain)
+                } else {
+                    (&mut b.deferred, &mut b.deferred_by_domain)
+                };
+                *count += 1;
+                *by_domain.entry(domain.clone()).or_default() += 1;
             }
-            b.ready += ready;
-            b.deferred += due.len() as u64 - ready;
         }
         for (_, id, domain) in &self.held {
             if let Some(m) = self.messages.get(id) {
@@ -604,6 +606,7 @@ mod tests {
                 deferred: 1,
                 leased: 0,
                 due_by_domain: Default::default(),
+                deferred_by_domain: [("a.example".to_owned(), 1)].into(),
             }
         );
         assert_eq!(s.backlogs(5000)["default"].ready, 1);
