@@ -548,7 +548,7 @@ async fn refused_domain_rolls_back(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_publish_rolls_back_what_was_stored() {
-    let denied = mailroom_queue::jetstream::entry_subject("default", "denied.example");
+    let denied = mailroom_queue::jetstream::entry_subject("MAILROOM", "default", "denied.example");
     assert_eq!(denied, "mailroom.q.default.denied.example");
     let server = nats(NatsServer::builder().extra_config(format!(
         "authorization {{\n  users: [\n    {{ user: w, password: p, permissions: {{ publish: \

@@ -3,7 +3,7 @@
 //!
 //! An entry is the part of a message for ONE destination domain:
 //!
-//! - subject `mailroom.q.<policy>.<domain>` (see [`subject`]; tokens that are not plain DNS
+//! - subject `<root>.q.<policy>.<domain>` (see [`Subjects`]; tokens that are not plain DNS
 //!   names are hex-encoded so the subject stays valid and the mapping stays injective);
 //! - headers `Nats-Msg-Id: <queue-id>.<domain-token>` (server-side de-duplication),
 //!   `Mailroom-Id: <queue-id>` (so scans can pick an id's entries without parsing JSON) and
@@ -16,18 +16,84 @@ use serde::{Deserialize, Serialize};
 
 use crate::{DeliveryState, Envelope, QueueId, Recipient};
 
-/// Every entry subject starts with this prefix; the stream's only subject is `mailroom.q.>`.
-pub(crate) const SUBJECT_PREFIX: &str = "mailroom.q.";
-/// The subject filter of every entry due now (what the workers' consumers read).
-pub(crate) const SUBJECT_ALL: &str = "mailroom.q.>";
-/// Every deferred entry's subject starts with this prefix:
-/// `mailroom.d.<policy>.<queue-id>.<domain>` holds one message with a `Nats-Schedule` that
-/// publishes it to `mailroom.q.<policy>.<domain>` at its retry time.
-pub(crate) const DEFERRED_PREFIX: &str = "mailroom.d.";
-/// The subject filter of every deferred entry.
-pub(crate) const DEFERRED_ALL: &str = "mailroom.d.>";
-/// Both (scans and per-subject counts).
-pub(crate) const EVERYTHING: &str = "mailroom.>";
+/// The subjects of one queue stream. Their root is the stream's name in lowercase
+/// (`MAILROOM` -> `mailroom`), so streams never overlap (NATS refuses two streams with
+/// overlapping subjects) and each stream's mail stays its own: the operator gives every
+/// namespace a stream, and a policy of the same name in two namespaces shares nothing.
+///
+/// - `<root>.q.<policy>.<domain>`: entries due now (what the workers' consumers read);
+/// - `<root>.d.<policy>.<queue-id>.<domain>`: a deferred entry, one message with a
+///   `Nats-Schedule` that publishes it to its `q` subject at its retry time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Subjects {
+    due: String,
+    deferred: String,
+}
+
+impl Subjects {
+    /// The subjects of stream `stream`.
+    pub(crate) fn for_stream(stream: &str) -> Self {
+        let root = stream.to_ascii_lowercase();
+        Self {
+            due: format!("{root}.q."),
+            deferred: format!("{root}.d."),
+        }
+    }
+
+    /// The stream's subjects: every due and every deferred entry.
+    pub(crate) fn stream_subjects(&self) -> Vec<String> {
+        vec![format!("{}>", self.due), format!("{}>", self.deferred)]
+    }
+
+    /// The subject of the entry for `policy` and `domain`: `<root>.q.<policy>.<domain>`.
+    pub(crate) fn subject(&self, policy: &str, domain: &str) -> String {
+        format!(
+            "{}{}.{}",
+            self.due,
+            token(policy, false),
+            token(domain, true)
+        )
+    }
+
+    /// The subject filter of every due entry of `policy`: `<root>.q.<policy>.>`.
+    pub(crate) fn policy_filter(&self, policy: &str) -> String {
+        format!("{}{}.>", self.due, token(policy, false))
+    }
+
+    /// The subject of a deferred entry.
+    pub(crate) fn deferred_subject(&self, policy: &str, id: QueueId, domain: &str) -> String {
+        format!(
+            "{}{}.{id}.{}",
+            self.deferred,
+            token(policy, false),
+            token(domain, true)
+        )
+    }
+
+    /// The (policy, domain) of a due entry subject, decoded; `None` for a subject outside the
+    /// layout.
+    pub(crate) fn parse_subject(&self, subject: &str) -> Option<(String, String)> {
+        let rest = subject.strip_prefix(&self.due)?;
+        let (policy, domain) = rest.split_once('.')?;
+        Some((untoken(policy)?, untoken(domain)?))
+    }
+
+    /// Parses a due or deferred entry subject.
+    pub(crate) fn parse_place(&self, subject: &str) -> Option<Place> {
+        if let Some((policy, domain)) = self.parse_subject(subject) {
+            return Some(Place::Due { policy, domain });
+        }
+        let rest = subject.strip_prefix(&self.deferred)?;
+        let (policy, rest) = rest.split_once('.')?;
+        let (id, domain) = rest.split_once('.')?;
+        Some(Place::Deferred {
+            policy: untoken(policy)?,
+            id: id.parse().ok()?,
+            domain: untoken(domain)?,
+        })
+    }
+}
+
 /// Header: the queue id of the message the entry belongs to.
 pub(crate) const HEADER_ID: &str = "Mailroom-Id";
 /// Header: length of the JSON metadata at the start of the payload.
@@ -70,8 +136,8 @@ fn is_fresh(state: &DeliveryState) -> bool {
     *state == DeliveryState::default()
 }
 
-/// Where an entry is: due (`mailroom.q.<policy>.<domain>`) or deferred
-/// (`mailroom.d.<policy>.<id>.<domain>`).
+/// Where an entry is: due (`<root>.q.<policy>.<domain>`) or deferred
+/// (`<root>.d.<policy>.<id>.<domain>`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Place {
     Due {
@@ -83,30 +149,6 @@ pub(crate) enum Place {
         id: QueueId,
         domain: String,
     },
-}
-
-/// The subject of a deferred entry.
-pub(crate) fn deferred_subject(policy: &str, id: QueueId, domain: &str) -> String {
-    format!(
-        "{DEFERRED_PREFIX}{}.{id}.{}",
-        token(policy, false),
-        token(domain, true)
-    )
-}
-
-/// Parses a due or deferred entry subject.
-pub(crate) fn parse_place(subject: &str) -> Option<Place> {
-    if let Some((policy, domain)) = parse_subject(subject) {
-        return Some(Place::Due { policy, domain });
-    }
-    let rest = subject.strip_prefix(DEFERRED_PREFIX)?;
-    let (policy, rest) = rest.split_once('.')?;
-    let (id, domain) = rest.split_once('.')?;
-    Some(Place::Deferred {
-        policy: untoken(policy)?,
-        id: id.parse().ok()?,
-        domain: untoken(domain)?,
-    })
 }
 
 /// One entry to publish: the recipients of one destination domain.
@@ -126,7 +168,7 @@ pub(crate) struct PlannedEntry {
 
 /// Splits an envelope into one entry per destination domain, in order of first appearance.
 /// An envelope without recipients still yields one entry (domain `""`), so nothing is dropped.
-pub(crate) fn plan(envelope: &Envelope) -> Vec<PlannedEntry> {
+pub(crate) fn plan(subjects: &Subjects, envelope: &Envelope) -> Vec<PlannedEntry> {
     let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
     for (i, recipient) in envelope.recipients.iter().enumerate() {
         match groups.iter_mut().find(|(d, _)| *d == recipient.domain) {
@@ -147,7 +189,7 @@ pub(crate) fn plan(envelope: &Envelope) -> Vec<PlannedEntry> {
                 .collect();
             let token = token(&domain, true);
             PlannedEntry {
-                subject: subject(&envelope.policy, &domain),
+                subject: subjects.subject(&envelope.policy, &domain),
                 msg_id: format!("{}.{token}", envelope.id),
                 domain,
                 rcpt_index,
@@ -155,20 +197,6 @@ pub(crate) fn plan(envelope: &Envelope) -> Vec<PlannedEntry> {
             }
         })
         .collect()
-}
-
-/// The subject of the entry for `policy` and `domain`: `mailroom.q.<policy>.<domain>`.
-pub(crate) fn subject(policy: &str, domain: &str) -> String {
-    format!(
-        "{SUBJECT_PREFIX}{}.{}",
-        token(policy, false),
-        token(domain, true)
-    )
-}
-
-/// The subject filter of every entry of `policy`: `mailroom.q.<policy>.>`.
-pub(crate) fn policy_filter(policy: &str) -> String {
-    format!("{SUBJECT_PREFIX}{}.>", token(policy, false))
 }
 
 /// Encodes a name as subject token(s). Plain names (ASCII letters, digits, `-`, `[`, `]`, `:`,
@@ -211,13 +239,6 @@ pub(crate) fn untoken(token: &str) -> Option<String> {
         })
         .collect();
     String::from_utf8(bytes?).ok()
-}
-
-/// The (policy, domain) of an entry subject, decoded; `None` for a subject outside the layout.
-pub(crate) fn parse_subject(subject: &str) -> Option<(String, String)> {
-    let rest = subject.strip_prefix(SUBJECT_PREFIX)?;
-    let (policy, domain) = rest.split_once('.')?;
-    Some((untoken(policy)?, untoken(domain)?))
 }
 
 /// Encodes the payload: metadata JSON, then the inline body (if any).
@@ -353,16 +374,37 @@ mod tests {
 
     #[test]
     fn subjects() {
+        let s = Subjects::for_stream("MAILROOM");
         assert_eq!(
-            subject("default", "example.com"),
+            s.subject("default", "example.com"),
             "mailroom.q.default.example.com"
         );
-        assert_eq!(policy_filter("default"), "mailroom.q.default.>");
+        assert_eq!(s.policy_filter("default"), "mailroom.q.default.>");
         assert_eq!(
-            parse_subject("mailroom.q.default.example.com"),
+            s.parse_subject("mailroom.q.default.example.com"),
             Some(("default".into(), "example.com".into()))
         );
-        assert_eq!(parse_subject("other.subject"), None);
+        assert_eq!(s.parse_subject("other.subject"), None);
+        let id = QueueId::new();
+        assert_eq!(
+            s.parse_place(&s.deferred_subject("default", id, "example.com")),
+            Some(Place::Deferred {
+                policy: "default".into(),
+                id,
+                domain: "example.com".into()
+            })
+        );
+        // Another stream (another namespace) has subjects of its own.
+        let other = Subjects::for_stream("MAILROOM-team-b");
+        assert_eq!(
+            other.subject("default", "example.com"),
+            "mailroom-team-b.q.default.example.com"
+        );
+        assert_eq!(other.parse_subject("mailroom.q.default.example.com"), None);
+        assert_eq!(
+            other.stream_subjects(),
+            ["mailroom-team-b.q.>", "mailroom-team-b.d.>"]
+        );
     }
 
     #[test]
@@ -376,7 +418,7 @@ mod tests {
                 "d@three.example",
             ],
         );
-        let plan = plan(&envelope);
+        let plan = plan(&Subjects::for_stream("MAILROOM"), &envelope);
         assert_eq!(plan.len(), 3);
         assert_eq!(plan[0].domain, "one.example");
         assert_eq!(plan[0].rcpt_index, vec![0, 2]);
@@ -401,7 +443,7 @@ mod tests {
     #[test]
     fn plan_without_recipients_keeps_one_entry() {
         let envelope = envelope("s@x.org", &[]);
-        let plan = plan(&envelope);
+        let plan = plan(&Subjects::for_stream("MAILROOM"), &envelope);
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].subject, "mailroom.q.default._");
     }

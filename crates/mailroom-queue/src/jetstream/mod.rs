@@ -2,9 +2,10 @@
 //!
 //! # Layout
 //!
-//! - **One stream** (default `MAILROOM`), work-queue retention, subjects `mailroom.q.>`,
-//!   `allow_direct` (admin reads use Direct Get), `max_age` as a safety net (default 7 days),
-//!   `duplicate_window` (default 2 min), file or memory storage, 1 or 3 replicas. Created or
+//! - **One stream** (default `MAILROOM`), work-queue retention, subjects `<root>.q.>` and
+//!   `<root>.d.>` where the root is the stream name in lowercase (`mailroom.q.>` by default;
+//!   streams never overlap, so the operator gives each namespace its own), `allow_direct`
+//!   (admin reads use Direct Get), `max_age` as a safety net (default 7 days), `duplicate_window` (default 2 min), file or memory storage, 1 or 3 replicas. Created or
 //!   updated by [`JetStreamQueue::connect`] and again after every reconnect (so a wiped server
 //!   gets it back).
 //! - **One entry per destination domain**: subject `mailroom.q.<policy>.<domain>` (the domain
@@ -322,15 +323,16 @@ impl JetStreamOptions {
     }
 }
 
-/// The subject filter of every entry of a delivery policy (`mailroom.q.<policy>.>`), for the
-/// workers' consumers.
-pub fn policy_subject_filter(policy: &str) -> String {
-    entry::policy_filter(policy)
+/// The subject filter of every due entry of a delivery policy in `stream`
+/// (`<stream in lowercase>.q.<policy>.>`), e.g. for NATS permissions.
+pub fn policy_subject_filter(stream: &str, policy: &str) -> String {
+    entry::Subjects::for_stream(stream).policy_filter(policy)
 }
 
-/// The subject of the entries of `policy` for `domain` (`mailroom.q.<policy>.<domain>`).
-pub fn entry_subject(policy: &str, domain: &str) -> String {
-    entry::subject(policy, domain)
+/// The subject of the entries of `policy` for `domain` in `stream`
+/// (`<stream in lowercase>.q.<policy>.<domain>`).
+pub fn entry_subject(stream: &str, policy: &str, domain: &str) -> String {
+    entry::Subjects::for_stream(stream).subject(policy, domain)
 }
 
 /// State shared with the connection's event callback.
@@ -353,6 +355,8 @@ struct Resources {
 
 struct Inner {
     options: JetStreamOptions,
+    /// The subjects of `options.stream`.
+    subjects: entry::Subjects,
     client: Client,
     js: jetstream::Context,
     shared: Arc<Shared>,
@@ -421,6 +425,7 @@ impl JetStreamQueue {
             .timeout(options.publish_timeout)
             .build(client.clone());
         let inner = Arc::new(Inner {
+            subjects: entry::Subjects::for_stream(&options.stream),
             options,
             client,
             js,
@@ -593,7 +598,7 @@ impl Inner {
             description: Some(
                 "Mailroom queue: one entry per message and destination domain".into(),
             ),
-            subjects: vec![entry::SUBJECT_ALL.into(), entry::DEFERRED_ALL.into()],
+            subjects: self.subjects.stream_subjects(),
             // Deferred entries wait as scheduled messages (ADR-51, nats-server 2.12+).
             allow_message_schedules: true,
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
@@ -730,14 +735,14 @@ impl Inner {
         };
         let subjects = resources
             .stream
-            .info_with_subjects(entry::EVERYTHING)
+            .info_with_subjects(">")
             .await
             .map_err(|e| stream_err(boxed(e)))?;
         let mut subjects = std::pin::pin!(subjects);
         let mut out = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, count) = item.map_err(|e| stream_err(boxed(e)))?;
-            match entry::parse_place(&subject) {
+            match self.subjects.parse_place(&subject) {
                 Some(place) => out.push((place, count as u64)),
                 None => tracing::warn!(%subject, "unexpected subject in the queue stream"),
             }
@@ -783,7 +788,7 @@ impl Inner {
         let resources = self.ready().await?;
         let id = message.envelope.id;
         let name = id.to_string();
-        let plan = entry::plan(&message.envelope);
+        let plan = entry::plan(&self.subjects, &message.envelope);
         let parts = plan.len();
         let body_size = message.body.len() as u64;
         let max_payload = self.client.max_payload();

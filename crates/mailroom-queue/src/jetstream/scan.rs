@@ -93,7 +93,8 @@ pub(crate) async fn scan(
                 (None, Start::Time(ms)) => Some(entry::rfc3339_from_ms(ms)),
                 _ => None,
             },
-            next_by_subj: entry::EVERYTHING,
+            // Every subject of the stream is a queue entry's.
+            next_by_subj: ">",
             batch: BATCH,
             max_bytes: MAX_BYTES,
         };

@@ -94,7 +94,7 @@ impl Inner {
         let config = jetstream::consumer::pull::Config {
             durable_name: Some(name.clone()),
             description: Some(format!("Mailroom workers of delivery policy {policy}")),
-            filter_subject: entry::policy_filter(policy),
+            filter_subject: self.subjects.policy_filter(policy),
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ack_wait: self.options.lease_time,
             max_deliver: -1,
@@ -267,7 +267,7 @@ impl Inner {
             BodyRef::Object { name, .. } => resources.bodies.get(name, meta.body_size).await?,
         };
         let id = meta.envelope.id;
-        let domain = match entry::parse_place(&subject) {
+        let domain = match self.subjects.parse_place(&subject) {
             Some(Place::Due { domain, .. }) => domain,
             _ => meta
                 .envelope
@@ -447,7 +447,7 @@ impl Inner {
         let subject = if due {
             target.to_string()
         } else {
-            let (policy, domain) = match entry::parse_place(target) {
+            let (policy, domain) = match self.subjects.parse_place(target) {
                 Some(Place::Due { policy, domain }) => (policy, domain),
                 _ => {
                     return Err(JetStreamError::Invalid(format!(
@@ -460,7 +460,7 @@ impl Inner {
                 format!("@at {}", entry::rfc3339_from_ms(meta.state.next_attempt_ms)).as_str(),
             );
             headers.insert(async_nats::header::NATS_SCHEDULE_TARGET, target);
-            entry::deferred_subject(&policy, id, &domain)
+            self.subjects.deferred_subject(&policy, id, &domain)
         };
         let outgoing = Outgoing {
             subject,
@@ -486,7 +486,7 @@ impl Inner {
         let mut out: Vec<EntryStatus> = entries
             .into_iter()
             .map(|e| {
-                let domain = match entry::parse_place(&e.subject) {
+                let domain = match self.subjects.parse_place(&e.subject) {
                     Some(Place::Due { domain, .. } | Place::Deferred { domain, .. }) => domain,
                     None => String::new(),
                 };
@@ -542,7 +542,7 @@ impl Inner {
         let entries = self.entries_of(&resources, id, true, false).await?;
         let mut moved = 0;
         for e in entries {
-            let Some(Place::Deferred { policy, domain, .. }) = entry::parse_place(&e.subject)
+            let Some(Place::Deferred { policy, domain, .. }) = self.subjects.parse_place(&e.subject)
             else {
                 continue;
             };
@@ -562,7 +562,7 @@ impl Inner {
                 meta.state.bounce_requested = Some(reason.to_string());
             }
             let inline = (meta.body == BodyRef::Inline).then_some(&e.body);
-            let target = entry::subject(&policy, &domain);
+            let target = self.subjects.subject(&policy, &domain);
             let msg_id = format!("{id}.{}.r{}", entry::token(&domain, true), QueueId::new());
             self.publish_meta(&resources, &meta, inline, &target, msg_id)
                 .await?;
