@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -35,6 +36,7 @@ use kube::runtime::finalizer::{Event as Finalize, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
+use mailroom_config::JetStreamQueueSpec;
 use mailroom_queue::{Backlog as QueueBacklog, Queue};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -123,17 +125,32 @@ impl From<RenderError> for Error {
     }
 }
 
+/// Opens the queue of one namespace (its stream, [`Settings::queue_for`]): the queue, and the
+/// JetStream context its traffic-shaping state lives in.
+pub type QueueOpener = Arc<
+    dyn Fn(JetStreamQueueSpec) -> BoxFuture<'static, Result<NamespaceQueue, String>> + Send + Sync,
+>;
+
+/// One namespace's queue, as [`QueueOpener`] returns it.
+#[derive(Clone)]
+pub struct NamespaceQueue {
+    /// The queue (backlogs).
+    pub queue: Arc<dyn Queue>,
+    /// Where the workers keep traffic-shaping state (rules in force), if anywhere.
+    pub jetstream: Option<async_nats::jetstream::Context>,
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     client: Client,
     settings: Settings,
     recorder: Recorder,
-    queue: Arc<dyn Queue>,
+    open_queue: QueueOpener,
+    queues: tokio::sync::Mutex<HashMap<String, NamespaceQueue>>,
     backlog_refresh: Duration,
     failures: Mutex<HashMap<String, u32>>,
     stabilizers: Mutex<HashMap<String, autoscale::Stabilizer>>,
     last_scale: Mutex<HashMap<String, ScaleDecision>>,
-    shaping: Option<async_nats::jetstream::Context>,
 }
 
 impl Context {
@@ -141,7 +158,7 @@ impl Context {
     pub fn new(
         client: Client,
         settings: Settings,
-        queue: Arc<dyn Queue>,
+        open_queue: QueueOpener,
         instance: Option<String>,
     ) -> Self {
         let recorder = Recorder::new(
@@ -155,12 +172,12 @@ impl Context {
             client,
             settings,
             recorder,
-            queue,
+            open_queue,
+            queues: tokio::sync::Mutex::new(HashMap::new()),
             backlog_refresh: BACKLOG_REFRESH,
             failures: Mutex::new(HashMap::new()),
             stabilizers: Mutex::new(HashMap::new()),
             last_scale: Mutex::new(HashMap::new()),
-            shaping: None,
         }
     }
 
@@ -171,23 +188,33 @@ impl Context {
         self
     }
 
-    /// Reads the workers' traffic-shaping state (JetStream KV next to the queue), so that
-    /// policy status shows the response-driven rules in force.
-    #[must_use]
-    pub fn with_shaping_state(mut self, jetstream: async_nats::jetstream::Context) -> Self {
-        self.shaping = Some(jetstream);
-        self
+    /// The queue of `namespace`, opened on first use.
+    async fn queue(&self, namespace: &str) -> Result<NamespaceQueue, Error> {
+        let mut queues = self.queues.lock().await;
+        if let Some(q) = queues.get(namespace) {
+            return Ok(q.clone());
+        }
+        let spec = self.settings.queue_for(namespace);
+        let opened = (self.open_queue)(spec.clone())
+            .await
+            .map_err(|e| Error::Queue(format!("stream {}: {e}", spec.stream)))?;
+        queues.insert(namespace.to_owned(), opened.clone());
+        Ok(opened)
     }
 
-    /// The rules in force for `policy`; empty when unknown (logged).
-    async fn active_rules(&self, policy: &str) -> Vec<ActiveRule> {
+    /// The rules in force for `policy` in `namespace`; empty when unknown (logged).
+    async fn active_rules(&self, namespace: &str, policy: &str) -> Vec<ActiveRule> {
         use mailroom_outbound::shaping::{KvStore, ShapingStore};
-        let Some(js) = &self.shaping else {
+        let Ok(NamespaceQueue {
+            jetstream: Some(js),
+            ..
+        }) = self.queue(namespace).await
+        else {
             return Vec::new();
         };
-        let queue = &self.settings.queue;
+        let queue = self.settings.queue_for(namespace);
         let store =
-            match KvStore::open(js, &queue.stream, policy, usize::from(queue.replicas)).await {
+            match KvStore::open(&js, &queue.stream, policy, usize::from(queue.replicas)).await {
                 Ok(store) => store,
                 Err(e) => {
                     tracing::warn!(policy, error = %e, "cannot read the shaping state");
@@ -751,13 +778,16 @@ async fn apply_policy(
     Ok((Rollout::of(&deployment), scaling))
 }
 
-async fn policy_backlog(ctx: &Context, policy: &str) -> Result<QueueBacklog, Error> {
+async fn policy_backlog(ctx: &Context, dp: &DeliveryPolicy) -> Result<QueueBacklog, Error> {
+    let namespace = dp.namespace().unwrap_or_default();
     let mut backlogs = ctx
+        .queue(&namespace)
+        .await?
         .queue
         .backlogs()
         .await
         .map_err(|e| Error::Queue(e.to_string()))?;
-    Ok(backlogs.remove(policy).unwrap_or_default())
+    Ok(backlogs.remove(&dp.name_any()).unwrap_or_default())
 }
 
 fn status_backlog(b: &QueueBacklog) -> Backlog {
@@ -791,7 +821,9 @@ async fn policy_status(
     };
     if let Some(b) = backlog {
         status.backlog = Some(status_backlog(b));
-        let rules = ctx.active_rules(&dp.name_any()).await;
+        let rules = ctx
+            .active_rules(&dp.namespace().unwrap_or_default(), &dp.name_any())
+            .await;
         status.destinations = status::destinations(&dp.spec, b, &rules);
     }
     status.observed_generation = dp.metadata.generation;
@@ -809,7 +841,7 @@ async fn policy_status(
 async fn policy_apply_event(dp: Arc<DeliveryPolicy>, ctx: &Context) -> Result<Action, Error> {
     // Without the backlog (queue unreachable) the workers keep their count and the rollout
     // goes on: a queue outage must not stop configuration changes.
-    let backlog = match policy_backlog(ctx, &dp.name_any()).await {
+    let backlog = match policy_backlog(ctx, &dp).await {
         Ok(b) => Some(b),
         Err(e) => {
             tracing::warn!(policy = %dp.name_any(), error = %e, "cannot read the backlog");
@@ -826,7 +858,7 @@ async fn policy_cleanup(dp: Arc<DeliveryPolicy>, ctx: &Context) -> Result<Action
         .annotations()
         .get(FORCE_DELETE_ANNOTATION)
         .is_some_and(|v| v == "true");
-    let backlog = match policy_backlog(ctx, &dp.name_any()).await {
+    let backlog = match policy_backlog(ctx, &dp).await {
         Ok(b) => b,
         Err(e) if forced => {
             tracing::warn!(policy = %dp.name_any(), error = %e, "forced deletion without reading the backlog");

@@ -73,6 +73,16 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The queue of one namespace: the configured stream name with `-<namespace>` appended.
+    /// Each namespace has its own stream (its own subjects and traffic-shaping buckets), so
+    /// policies of the same name in two namespaces never share mail.
+    pub fn queue_for(&self, namespace: &str) -> JetStreamQueueSpec {
+        JetStreamQueueSpec {
+            stream: format!("{}-{namespace}", self.queue.stream),
+            ..self.queue.clone()
+        }
+    }
+
     /// Settings with the given image and queue, and defaults for the rest.
     pub fn new(image: impl Into<String>, queue: JetStreamQueueSpec) -> Self {
         Self {
@@ -228,13 +238,13 @@ fn secret_file(field: &str, key: &str, dir: &str, problems: &mut Vec<Problem>) -
     format!("{dir}/{key}")
 }
 
-fn base_config(settings: &Settings) -> Config {
+fn base_config(settings: &Settings, namespace: &str) -> Config {
     Config {
         hostname: None,
         listeners: Vec::new(),
         queue: QueueSpec {
             local: None,
-            jetstream: Some(settings.queue.clone()),
+            jetstream: Some(settings.queue_for(namespace)),
         },
         policies: Vec::new(),
         http: HttpSpec {
@@ -299,7 +309,8 @@ pub fn listener_config(ml: &MailListener, settings: &Settings) -> Result<Config,
     ) {
         problems.push(plugin_problem(&e));
     }
-    let mut config = base_config(settings);
+    let namespace = ml.metadata.namespace.as_deref().unwrap_or("default");
+    let mut config = base_config(settings, namespace);
     config.listeners.push(listener);
     validated(config, problems)
 }
@@ -351,7 +362,8 @@ pub fn policy_config(dp: &DeliveryPolicy, settings: &Settings) -> Result<Config,
             *file = secret_file("spec.routing.relay.caFile", file, RELAY_DIR, &mut problems);
         }
     }
-    let mut config = base_config(settings);
+    let namespace = dp.metadata.namespace.as_deref().unwrap_or("default");
+    let mut config = base_config(settings, namespace);
     config.policies.push(policy);
     validated(config, problems)
 }

@@ -18,7 +18,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use mailroom_config::JetStreamQueueSpec;
-use mailroom_operator::controller::{self, Context, FORCE_DELETE_ANNOTATION, QUEUE_FINALIZER};
+use mailroom_operator::controller::{
+    self, Context, FORCE_DELETE_ANNOTATION, NamespaceQueue, QUEUE_FINALIZER, QueueOpener,
+};
 use mailroom_operator::render::{CHECKSUM_ANNOTATION, FIELD_MANAGER, Settings};
 use mailroom_operator::status::{DEGRADED, READY, reason};
 use mailroom_operator::{DeliveryPolicy, MailListener, generate, metrics};
@@ -35,7 +37,9 @@ const WAIT: Duration = Duration::from_secs(40);
 struct Harness {
     plane: KubeControlPlane,
     client: Client,
+    /// The queue of namespace `mail` (stream `MAILROOM-mail`).
     queue: Arc<dyn Queue>,
+    /// Its JetStream context (traffic-shaping state).
     js: async_nats::jetstream::Context,
     stop: CancellationToken,
     _nats: NatsServer,
@@ -54,14 +58,6 @@ impl Harness {
             .expect("control plane starts");
         let client = plane.client().await.expect("client");
         let nats = NatsServer::start().expect("nats-server starts");
-        let jetstream_queue = JetStreamQueue::connect(JetStreamOptions {
-            urls: vec![nats.url()],
-            ..JetStreamOptions::default()
-        })
-        .await
-        .expect("queue");
-        let js = jetstream_queue.context().clone();
-        let queue: Arc<dyn Queue> = Arc::new(jetstream_queue);
         let settings = Settings::new(
             "registry.example/mailroom:test",
             JetStreamQueueSpec {
@@ -69,15 +65,33 @@ impl Harness {
                 ..JetStreamQueueSpec::default()
             },
         );
+        // Each namespace has its own stream; the tests put mail into namespace "mail".
+        let open_queue: QueueOpener = Arc::new(|spec: JetStreamQueueSpec| {
+            Box::pin(async move {
+                let queue = JetStreamQueue::connect(JetStreamOptions {
+                    urls: spec.urls.clone(),
+                    stream: spec.stream.clone(),
+                    ..JetStreamOptions::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(NamespaceQueue {
+                    jetstream: Some(queue.context().clone()),
+                    queue: Arc::new(queue),
+                })
+            })
+        });
+        let mail = open_queue(settings.queue_for("mail"))
+            .await
+            .expect("the queue of namespace mail");
         let ctx = Arc::new(
             Context::new(
                 client.clone(),
                 settings,
-                Arc::clone(&queue),
+                open_queue,
                 Some("test-operator".to_owned()),
             )
-            .with_backlog_refresh(Duration::from_secs(1))
-            .with_shaping_state(js.clone()),
+            .with_backlog_refresh(Duration::from_secs(1)),
         );
         let stop = CancellationToken::new();
         tokio::spawn(controller::run(
@@ -88,8 +102,8 @@ impl Harness {
         Self {
             plane,
             client,
-            queue,
-            js,
+            queue: mail.queue,
+            js: mail.jetstream.expect("JetStream context"),
             stop,
             _nats: nats,
         }
@@ -930,7 +944,7 @@ async fn policy_status_shows_where_mail_waits_and_why() {
         h.queue.enqueue(message).await.expect("enqueue");
     }
     // What a worker records when example.net answers 421 and a throttle rule matches.
-    let store = KvStore::open(&h.js, "MAILROOM", "bulk", 1)
+    let store = KvStore::open(&h.js, "MAILROOM-mail", "bulk", 1)
         .await
         .expect("shaping state");
     let until_ms = mailroom_queue::now_ms() + 3_600_000;
@@ -969,5 +983,26 @@ async fn policy_status_shows_where_mail_waits_and_why() {
     assert!(
         yaml.contains("slow-down") && yaml.contains("example.net"),
         "{yaml}"
+    );
+
+    // A policy of the same name in another namespace has its own queue: none of this mail.
+    h.namespace("other").await;
+    h.kubectl_apply(
+        "apiVersion: mailroom.dev/v1alpha1\nkind: DeliveryPolicy\nmetadata: { name: bulk, namespace: other }\nspec: {}\n",
+    );
+    let others = h.api::<DeliveryPolicy>("other");
+    let backlog = eventually("the other namespace's backlog", WAIT, || async {
+        others.get("bulk").await.ok()?.status?.backlog
+    })
+    .await;
+    assert_eq!((backlog.ready, backlog.deferred), (0, 0));
+    let config = h
+        .api::<ConfigMap>("other")
+        .get("bulk-outbound")
+        .await
+        .expect("ConfigMap");
+    assert!(
+        config.data.expect("data")["mailroom.yaml"].contains("stream: MAILROOM-other"),
+        "each namespace's pods use its own stream"
     );
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context as _;
 use clap::Args;
 use mailroom_config::{JetStreamQueueSpec, QueueSpec};
-use mailroom_operator::controller::{self, Context};
+use mailroom_operator::controller::{self, Context, NamespaceQueue, QueueOpener};
 use mailroom_operator::leader::LeaderElection;
 use mailroom_operator::render::Settings;
 use mailroom_telemetry::{LogFormat, Readiness, init_tracing, serve_http};
@@ -131,15 +131,6 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG, or the pod's service account)")?;
-    let (queue, jetstream) = open_queue_and_context(
-        &QueueSpec {
-            local: None,
-            jetstream: Some(queue_spec.clone()),
-        },
-        None,
-        true,
-    )
-    .await?;
     let identity = args
         .identity
         .clone()
@@ -151,17 +142,23 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
         queue_secret: args.queue_secret.clone(),
         log_level: args.pod_log_level.clone(),
     };
-    let mut ctx = Context::new(
-        client.clone(),
-        settings,
-        Arc::clone(&queue),
-        Some(identity.clone()),
-    )
-    .with_backlog_refresh(args.backlog_interval);
-    if let Some(js) = jetstream {
-        ctx = ctx.with_shaping_state(js);
-    }
-    let ctx = Arc::new(ctx);
+    // Each namespace's queue is its own stream, opened when a resource there first needs it.
+    let open_queue: QueueOpener = Arc::new(|spec: JetStreamQueueSpec| {
+        Box::pin(async move {
+            let queue = QueueSpec {
+                local: None,
+                jetstream: Some(spec),
+            };
+            let (queue, jetstream) = open_queue_and_context(&queue, None, true)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            Ok(NamespaceQueue { queue, jetstream })
+        })
+    });
+    let ctx = Arc::new(
+        Context::new(client.clone(), settings, open_queue, Some(identity.clone()))
+            .with_backlog_refresh(args.backlog_interval),
+    );
 
     let stop = CancellationToken::new();
     let started = Arc::new(AtomicBool::new(false));
@@ -170,9 +167,6 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
         Arc::new(move || {
             if !started.load(Ordering::Acquire) {
                 return Err("not started".into());
-            }
-            if !queue.is_ready() {
-                return Err("queue unavailable".into());
             }
             Ok(())
         })
