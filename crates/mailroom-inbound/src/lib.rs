@@ -13,6 +13,7 @@ mod limits;
 mod metrics;
 mod proxy;
 mod received;
+pub mod report;
 mod server;
 mod session;
 mod tls;

@@ -12,7 +12,8 @@
 //!   failure.
 //!
 //! A spec that cannot be applied is reported as `Degraded` and retried with backoff (2 s
-//! doubling to 2 min), never a crash loop. Every resource is also reconciled every few minutes.
+//! doubling to 2 min), never a crash loop. Every resource is also reconciled every 30 s
+//! ([`BACKLOG_REFRESH`]) for its policy backlog or listener traffic in status.
 //! A `DeliveryPolicy` carries the finalizer
 //! [`QUEUE_FINALIZER`]: its deletion waits until its queue is empty, unless it is annotated
 //! [`FORCE_DELETE_ANNOTATION`]`: "true"`.
@@ -37,6 +38,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use mailroom_config::JetStreamQueueSpec;
+use mailroom_inbound::report;
 use mailroom_queue::{Backlog as QueueBacklog, Queue};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -57,9 +59,7 @@ use crate::status::{self, ActiveRule, Outcome, Rollout, reason};
 pub const QUEUE_FINALIZER: &str = "mailroom.dev/queue-drained";
 /// `"true"` on a `DeliveryPolicy` lets it be deleted with mail still queued.
 pub const FORCE_DELETE_ANNOTATION: &str = "mailroom.dev/force-delete";
-/// How often a healthy resource is reconciled anyway (Secret rotation, status refresh).
-pub const RESYNC: Duration = Duration::from_secs(300);
-/// How often a policy's backlog in status is refreshed, by default.
+/// How often a policy's backlog and a listener's traffic in status are refreshed, by default.
 pub const BACKLOG_REFRESH: Duration = Duration::from_secs(30);
 
 /// Why a reconcile failed. [`Error::category`] is the static label of the failure metric.
@@ -151,6 +151,7 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     stabilizers: Mutex<HashMap<String, autoscale::Stabilizer>>,
     last_scale: Mutex<HashMap<String, ScaleDecision>>,
+    traffic: Mutex<HashMap<String, crate::traffic::Tracker>>,
 }
 
 impl Context {
@@ -178,6 +179,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             stabilizers: Mutex::new(HashMap::new()),
             last_scale: Mutex::new(HashMap::new()),
+            traffic: Mutex::new(HashMap::new()),
         }
     }
 
@@ -235,6 +237,32 @@ impl Context {
             Err(e) => {
                 tracing::warn!(policy, error = %e, "cannot read the rules in force");
                 Vec::new()
+            }
+        }
+    }
+
+    /// The listener's recent traffic from its pods' reported totals; `None` when they cannot
+    /// be read (logged).
+    async fn listener_traffic(&self, ml: &MailListener) -> Option<crate::crd::ListenerTraffic> {
+        let namespace = ml.namespace().unwrap_or_default();
+        let js = self.queue(&namespace).await.ok()?.jetstream?;
+        let spec = self.settings.queue_for(&namespace);
+        let read = async {
+            let store = report::open(&js, &spec.stream, usize::from(spec.replicas)).await?;
+            report::read(&store, &ml.name_any()).await
+        };
+        match read.await {
+            Ok(readings) => Some(
+                self.traffic
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .entry(key(ml))
+                    .or_default()
+                    .observe(Instant::now(), &readings),
+            ),
+            Err(e) => {
+                tracing::warn!(listener = %ml.name_any(), error = %e, "cannot read listener counts");
+                None
             }
         }
     }
@@ -635,6 +663,9 @@ pub async fn reconcile_listener(ml: Arc<MailListener>, ctx: Arc<Context>) -> Res
             }
             Err(e) => e.outcome(),
         };
+        if let Some(traffic) = ctx.listener_traffic(&ml).await {
+            status.traffic = Some(traffic);
+        }
         status.observed_generation = ml.metadata.generation;
         status.conditions = status::conditions(
             previous_conditions(previous),
@@ -650,7 +681,8 @@ pub async fn reconcile_listener(ml: Arc<MailListener>, ctx: Arc<Context>) -> Res
             &status,
         )
         .await?;
-        result.map(|_| Action::requeue(RESYNC))
+        // Back soon for the traffic counts.
+        result.map(|_| Action::requeue(ctx.backlog_refresh))
     })
     .await
 }

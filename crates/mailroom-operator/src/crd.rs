@@ -60,6 +60,18 @@ pub const VERSION: &str = "v1alpha1";
         description = "Service ports"
     ),
     printcolumn(
+        name = "Accepted",
+        type_ = "integer",
+        json_path = ".status.traffic.accepted",
+        description = "Messages accepted in the last minutes (status.traffic.windowSeconds)"
+    ),
+    printcolumn(
+        name = "Rejected",
+        type_ = "integer",
+        json_path = ".status.traffic.rejected",
+        description = "Messages refused in the last minutes"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -247,6 +259,21 @@ pub struct MailListenerStatus {
     /// shows only the first element of a list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<String>,
+    /// Messages of the last minutes, over all the listener's pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<ListenerTraffic>,
+}
+
+/// Messages a listener took or refused recently.
+#[derive(schemars::JsonSchema, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerTraffic {
+    /// The window the counts cover, in seconds (shorter right after the operator started).
+    pub window_seconds: i64,
+    /// Messages queued and answered with 250.
+    pub accepted: i64,
+    /// Messages refused at or after DATA (size, malformed data, plugins, queue errors).
+    pub rejected: i64,
 }
 
 /// The desired state of a `DeliveryPolicy`: how its queued mail leaves (the shared policy

@@ -12,11 +12,12 @@ pub mod leader;
 pub mod metrics;
 pub mod render;
 pub mod status;
+pub mod traffic;
 
 pub use crd::{
     Backlog, DeliveryPolicy, DeliveryPolicyResourceSpec, DeliveryPolicyStatus, DestinationStatus,
-    ListenerService, MailListener, MailListenerSpec, MailListenerStatus, RuleInForce,
-    ScaleDecision, SecretRef, ServicePort, ServiceType, TrafficPolicy, WorkerBounds,
+    ListenerService, ListenerTraffic, MailListener, MailListenerSpec, MailListenerStatus,
+    RuleInForce, ScaleDecision, SecretRef, ServicePort, ServiceType, TrafficPolicy, WorkerBounds,
 };
 
 #[cfg(test)]

@@ -1006,3 +1006,56 @@ async fn policy_status_shows_where_mail_waits_and_why() {
         "each namespace's pods use its own stream"
     );
 }
+
+/// MailListener status counts the messages its pods took and refused recently, from the
+/// totals each inbound process reports to JetStream KV (mailroom_inbound::report).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_status_counts_recent_traffic_over_its_pods() {
+    use mailroom_inbound::report::{self, ListenerCounts};
+    let h = Harness::start(false).await;
+    h.namespace("mail").await;
+    let store = report::open(&h.js, "MAILROOM-mail", 1)
+        .await
+        .expect("counts bucket");
+    let put = |process: &'static str, accepted: u64, rejected: u64| {
+        let store = store.clone();
+        async move {
+            report::publish(&store, "mx", process, ListenerCounts { accepted, rejected })
+                .await
+                .expect("publish");
+        }
+    };
+    // A pod that has been running for a while: its totals are only a baseline.
+    put("mx-inbound-a", 100, 5).await;
+    h.kubectl_apply(&LISTENER.replace(
+        "  tls: { certFile: tls.crt, keyFile: tls.key }\n  tlsSecretRef: { name: mx-tls }\n",
+        "",
+    ));
+    let listeners = h.api::<MailListener>("mail");
+    eventually("traffic in status", WAIT, || async {
+        listeners.get("mx").await.ok()?.status?.traffic
+    })
+    .await;
+    put("mx-inbound-a", 110, 7).await;
+    put("mx-inbound-b", 4, 0).await;
+    let traffic = eventually("the growth of both pods", WAIT, || async {
+        let t = listeners.get("mx").await.ok()?.status?.traffic?;
+        (t.accepted == 14).then_some(t)
+    })
+    .await;
+    assert_eq!(traffic.rejected, 2);
+    assert!(traffic.window_seconds <= 300);
+    let table = h
+        .plane
+        .kubectl_ok(&["get", "ml", "-n", "mail"])
+        .expect("kubectl get ml");
+    let header = table.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("ACCEPTED") && header.contains("REJECTED"),
+        "{table}"
+    );
+    assert!(
+        table.lines().nth(1).unwrap_or_default().contains("14"),
+        "{table}"
+    );
+}

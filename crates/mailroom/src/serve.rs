@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mailroom_config::Config;
-use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use mailroom_inbound::{InboundDeps, Listener, Shutdown, report};
 use mailroom_outbound::shaping::{KvStore, MemoryStore, ShapingStore};
 use mailroom_outbound::{Worker, WorkerDeps};
 use mailroom_telemetry::{DeliveryLog, LogFormat, Readiness, init_tracing, serve_http};
@@ -231,6 +231,25 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
         .into_iter()
         .map(|l| tokio::spawn(l.run(shutdown.clone())))
         .collect();
+    // With the cluster queue, the listeners' counts go to JetStream KV for the operator.
+    let report_stop = CancellationToken::new();
+    let report_task = match (&jetstream, &config.queue.jetstream) {
+        (Some(js), Some(spec)) if !listener_specs.is_empty() => {
+            match report::open(js, &spec.stream, usize::from(spec.replicas)).await {
+                Ok(store) => Some(tokio::spawn(report::run(
+                    store,
+                    listener_specs.iter().map(|l| l.name.clone()).collect(),
+                    mailroom_config::system_hostname(),
+                    report_stop.clone(),
+                ))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listener counts will not be reported");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let worker_stop = CancellationToken::new();
     // Deliveries still running at shutdown get this long; the queue hands out the rest again.
     let worker_grace = Duration::from_secs(20);
@@ -263,6 +282,10 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
         let _ = t.await;
     }
     for t in worker_tasks {
+        let _ = t.await;
+    }
+    report_stop.cancel();
+    if let Some(t) = report_task {
         let _ = t.await;
     }
     http_stop.cancel();
