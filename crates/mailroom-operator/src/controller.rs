@@ -50,9 +50,7 @@ use crate::crd::{
     SecretRef,
 };
 use crate::metrics;
-use crate::render::{
-    self, CHECKSUM_ANNOTATION, FIELD_MANAGER, RenderError, Settings, render_listener, render_policy,
-};
+use crate::render::{self, FIELD_MANAGER, RenderError, Settings, render_listener, render_policy};
 use crate::status::{self, ActiveRule, Outcome, Rollout, reason};
 
 /// Finalizer on every `DeliveryPolicy`: removed once its queue holds no mail.
@@ -417,19 +415,6 @@ where
         .await?)
 }
 
-fn template_checksum(deployment: &Deployment) -> Option<String> {
-    deployment
-        .spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(CHECKSUM_ANNOTATION)
-        .cloned()
-}
-
 /// Applies a Deployment and says, as an Event, what changed against `before`.
 async fn apply_deployment<K: Resource<DynamicType = ()>>(
     ctx: &Context,
@@ -455,8 +440,8 @@ async fn apply_deployment<K: Resource<DynamicType = ()>>(
             .await;
         }
         Some(before) => {
-            if template_checksum(before) != template_checksum(&applied) {
-                let sum = template_checksum(&applied).unwrap_or_default();
+            if render::template_checksum(before) != render::template_checksum(&applied) {
+                let sum = render::template_checksum(&applied).unwrap_or_default();
                 ctx.event(
                     owner,
                     EventType::Normal,

@@ -839,6 +839,20 @@ pub fn render_policy(
     })
 }
 
+/// The config checksum on a Deployment's pod template ([`CHECKSUM_ANNOTATION`]).
+pub fn template_checksum(deployment: &Deployment) -> Option<String> {
+    deployment
+        .spec
+        .as_ref()?
+        .template
+        .metadata
+        .as_ref()?
+        .annotations
+        .as_ref()?
+        .get(CHECKSUM_ANNOTATION)
+        .cloned()
+}
+
 /// Worker count for a policy: the current count kept within the bounds, `minReplicas` when
 /// there is no Deployment yet.
 pub fn worker_replicas(dp: &DeliveryPolicy, current: Option<i32>) -> i32 {

@@ -21,7 +21,7 @@ use mailroom_config::JetStreamQueueSpec;
 use mailroom_operator::controller::{
     self, Context, FORCE_DELETE_ANNOTATION, NamespaceQueue, QUEUE_FINALIZER, QueueOpener,
 };
-use mailroom_operator::render::{CHECKSUM_ANNOTATION, FIELD_MANAGER, Settings};
+use mailroom_operator::render::{self, FIELD_MANAGER, Settings};
 use mailroom_operator::status::{DEGRADED, READY, reason};
 use mailroom_operator::{DeliveryPolicy, MailListener, generate, metrics};
 use mailroom_queue::jetstream::{JetStreamOptions, JetStreamQueue};
@@ -195,16 +195,23 @@ async fn listener_condition(
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-fn checksum(d: &Deployment) -> Option<String> {
-    d.spec
-        .as_ref()?
-        .template
-        .metadata
-        .as_ref()?
-        .annotations
-        .as_ref()?
-        .get(CHECKSUM_ANNOTATION)
-        .cloned()
+/// Plays the delivery workers: leases every due entry of `policy` and acks it. Returns how
+/// many there were.
+async fn deliver_all(queue: &Arc<dyn Queue>, policy: &str) -> usize {
+    let leases = queue
+        .lease(&LeaseRequest {
+            policy: policy.to_owned(),
+            max: 100,
+            wait: Duration::from_secs(2),
+            max_age: None,
+        })
+        .await
+        .expect("lease");
+    let n = leases.len();
+    for lease in leases {
+        queue.ack(lease).await.expect("ack");
+    }
+    n
 }
 
 /// Plays the kubelet and the Deployment controller: every replica exists, runs the current
@@ -349,14 +356,14 @@ async fn a_listener_becomes_objects_status_and_events() {
     assert_eq!((st.replicas, st.ready_replicas), (Some(2), Some(2)));
 
     // A spec change rolls the pods (new checksum), and says so in an Event.
-    let before = checksum(&d).expect("checksum");
+    let before = render::template_checksum(&d).expect("checksum");
     h.kubectl_apply(&LISTENER.replace(
         "  replicas: 2\n",
         "  replicas: 2\n  limits: { maxRecipients: 500 }\n",
     ));
     let rolled = eventually("a new config checksum", WAIT, || async {
         let d = deployments.get("mx-inbound").await.ok()?;
-        checksum(&d).filter(|c| *c != before)
+        render::template_checksum(&d).filter(|c| *c != before)
     })
     .await;
     assert_ne!(rolled, before);
@@ -619,20 +626,7 @@ spec:
     );
 
     // The workers deliver it (lease + ack): the finalizer lets go and the children follow.
-    let leases = h
-        .queue
-        .lease(&LeaseRequest {
-            policy: "bulk".to_owned(),
-            max: 10,
-            wait: Duration::from_secs(2),
-            max_age: None,
-        })
-        .await
-        .expect("lease");
-    assert_eq!(leases.len(), 1);
-    for lease in leases {
-        h.queue.ack(lease).await.expect("ack");
-    }
+    assert_eq!(deliver_all(&h.queue, "bulk").await, 1);
     eventually("the policy is gone", WAIT, || async {
         policies.get_opt("bulk").await.ok()?.is_none().then_some(())
     })
@@ -864,20 +858,7 @@ async fn the_autoscaler_follows_the_ready_backlog_within_shaping_limits() {
     .await;
 
     // The workers deliver everything: back to minReplicas, but only after the window.
-    let leases = h
-        .queue
-        .lease(&LeaseRequest {
-            policy: "bulk".to_owned(),
-            max: 10,
-            wait: Duration::from_secs(2),
-            max_age: None,
-        })
-        .await
-        .expect("lease");
-    assert_eq!(leases.len(), 5);
-    for lease in leases {
-        h.queue.ack(lease).await.expect("ack");
-    }
+    assert_eq!(deliver_all(&h.queue, "bulk").await, 5);
     let drained = std::time::Instant::now();
     eventually("1 worker after the window", WAIT, || async {
         let d = deployments.get("bulk-outbound").await.ok()?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::Deployment;
 use mailroom_config::JetStreamQueueSpec;
 use mailroom_operator::render::{
-    self, CHECKSUM_ANNOTATION, CONFIG_KEY, RenderError, Settings, render_listener, render_policy,
+    self, CONFIG_KEY, RenderError, Settings, render_listener, render_policy,
 };
 use mailroom_operator::{DeliveryPolicy, MailListener};
 
@@ -130,14 +130,7 @@ fn problems(err: RenderError) -> Vec<(String, String)> {
 }
 
 fn checksum(deployment: &Deployment) -> String {
-    deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
-        .and_then(|m| m.annotations.as_ref())
-        .and_then(|a| a.get(CHECKSUM_ANNOTATION))
-        .cloned()
-        .expect("checksum annotation")
+    render::template_checksum(deployment).expect("checksum annotation")
 }
 
 #[test]
