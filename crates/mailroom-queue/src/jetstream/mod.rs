@@ -5,7 +5,8 @@
 //! - **One stream** (default `MAILROOM`), work-queue retention, subjects `<root>.q.>` and
 //!   `<root>.d.>` where the root is the stream name in lowercase (`mailroom.q.>` by default;
 //!   streams never overlap, so the operator gives each namespace its own), `allow_direct`
-//!   (admin reads use Direct Get), `max_age` as a safety net (default 7 days), `duplicate_window` (default 2 min), file or memory storage, 1 or 3 replicas. Created or
+//!   (admin reads use Direct Get), `max_age` as a safety net (default 7 days),
+//!   `duplicate_window` (default 2 min), file or memory storage, 1 or 3 replicas. Created or
 //!   updated by [`JetStreamQueue::connect`] and again after every reconnect (so a wiped server
 //!   gets it back).
 //! - **One entry per destination domain**: subject `mailroom.q.<policy>.<domain>` (the domain
