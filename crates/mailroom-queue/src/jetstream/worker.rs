@@ -542,7 +542,8 @@ impl Inner {
         let entries = self.entries_of(&resources, id, true, false).await?;
         let mut moved = 0;
         for e in entries {
-            let Some(Place::Deferred { policy, domain, .. }) = self.subjects.parse_place(&e.subject)
+            let Some(Place::Deferred { policy, domain, .. }) =
+                self.subjects.parse_place(&e.subject)
             else {
                 continue;
             };
