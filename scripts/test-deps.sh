@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs, idempotently: fast when everything is already there.
 # Debian packages: swaks (SMTP client), postfix (for smtp-source / smtp-sink), openssl,
-# dnsmasq-base (a DNS server on loopback for the outbound delivery tests).
+# dnsmasq-base (a DNS server on loopback for the outbound delivery tests), iproute2 (the pod
+# network of the end-to-end test).
 # PyPI: pytest, bcrypt (tests/python/requirements.txt). crates.io: cargo-fuzz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,9 @@ command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || missin
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
 command -v rspamd >/dev/null 2>&1 || missing+=(rspamd)   # the rspamd plugin's tests
+# mailroom-testkit's FakeKubelet (pod network namespaces, bridge, veths): ip from iproute2;
+# nsenter, unshare, setpriv and mount come with util-linux / mount (essential packages).
+command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -337,9 +337,18 @@ impl DnsServer {
     /// [`TestkitError::InvalidOption`] for a bad zone, [`TestkitError::FreePort`] when no port is
     /// free for both UDP and TCP, [`TestkitError::Io`] when the server thread cannot start.
     pub fn start(zone: Zone) -> Result<Self> {
+        Self::start_on(IpAddr::V4(Ipv4Addr::LOCALHOST), zone)
+    }
+
+    /// [`Self::start`] on another local address than 127.0.0.1, e.g. the gateway of a
+    /// [`crate::PodNetwork`] so that pods can use it as their nameserver.
+    ///
+    /// # Errors
+    /// See [`Self::start`].
+    pub fn start_on(ip: IpAddr, zone: Zone) -> Result<Self> {
         let served = Arc::new(RwLock::new(Arc::new(zone.build()?)));
         let queries = Arc::new(AtomicU64::new(0));
-        let (udp, tcp) = bind_same_port()?;
+        let (udp, tcp) = bind_same_port(ip)?;
         let addr = udp
             .local_addr()
             .map_err(|source| TestkitError::FreePort { source })?;
@@ -376,7 +385,8 @@ impl DnsServer {
         }
     }
 
-    /// The address to use as the nameserver (127.0.0.1, same port for UDP and TCP).
+    /// The address to use as the nameserver (127.0.0.1 or the address of [`Self::start_on`],
+    /// same port for UDP and TCP).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -425,17 +435,16 @@ fn start_error(addr: SocketAddr, source: io::Error) -> TestkitError {
     }
 }
 
-/// A UDP socket and a TCP listener on the same free port of 127.0.0.1, both non-blocking.
-fn bind_same_port() -> Result<(UdpSocket, TcpListener)> {
+/// A UDP socket and a TCP listener on the same free port of `ip`, both non-blocking.
+fn bind_same_port(ip: IpAddr) -> Result<(UdpSocket, TcpListener)> {
     let mut last = io::Error::new(io::ErrorKind::AddrInUse, "no attempt made");
     for _ in 0..BIND_ATTEMPTS {
-        let udp = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(|source| TestkitError::FreePort { source })?;
+        let udp = UdpSocket::bind((ip, 0)).map_err(|source| TestkitError::FreePort { source })?;
         let port = udp
             .local_addr()
             .map_err(|source| TestkitError::FreePort { source })?
             .port();
-        match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+        match TcpListener::bind((ip, port)) {
             Ok(tcp) => {
                 udp.set_nonblocking(true)
                     .and_then(|()| tcp.set_nonblocking(true))

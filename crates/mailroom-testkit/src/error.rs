@@ -211,6 +211,16 @@ pub enum TestkitError {
         stderr: String,
     },
 
+    /// Something that needs root (network namespaces, bridges, mounts) runs without it.
+    #[error(
+        "{what} needs root (network namespaces, a bridge, mounts, setpriv); run the test as \
+         root (CI does), e.g. `sudo -E cargo test ...`"
+    )]
+    NotRoot {
+        /// What needed it.
+        what: String,
+    },
+
     /// A builder option that cannot work.
     #[error("invalid option: {0}")]
     InvalidOption(String),

@@ -4,6 +4,7 @@
 mod pki;
 
 use std::fs;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread;
@@ -72,6 +73,7 @@ pub struct KubeControlPlaneBuilder {
     apiserver_args: Vec<String>,
     controller_manager_args: Vec<String>,
     crds: Vec<PathBuf>,
+    apiserver_bind: Option<IpAddr>,
 }
 
 impl Default for KubeControlPlaneBuilder {
@@ -82,6 +84,7 @@ impl Default for KubeControlPlaneBuilder {
             apiserver_args: Vec::new(),
             controller_manager_args: Vec::new(),
             crds: Vec::new(),
+            apiserver_bind: None,
         }
     }
 }
@@ -121,6 +124,17 @@ impl KubeControlPlaneBuilder {
         self
     }
 
+    /// Make the apiserver reachable on `ip` too (e.g. the gateway of a [`crate::PodNetwork`],
+    /// so that pods of a [`crate::FakeKubelet`] reach it as `KUBERNETES_SERVICE_HOST`): it then
+    /// listens on all addresses (`--bind-address=0.0.0.0`; loopback keeps working, the
+    /// kubeconfig still says `https://127.0.0.1:<port>`), advertises `ip`, and its serving
+    /// certificate names `ip` besides 127.0.0.1 and `localhost`. Off by default (loopback only).
+    #[must_use]
+    pub fn apiserver_bind(mut self, ip: IpAddr) -> Self {
+        self.apiserver_bind = Some(ip);
+        self
+    }
+
     /// An extra `kube-controller-manager` flag (after the generated ones).
     #[must_use]
     pub fn controller_manager_arg(mut self, arg: impl Into<String>) -> Self {
@@ -148,7 +162,9 @@ impl KubeControlPlaneBuilder {
 /// It follows `e2e/tools/smoke-k8s.sh`: RBAC on; the admin user is a client cert
 /// (`CN=admin, O=system:masters`); the ServiceAccount admission plugin is off unless the
 /// controller manager runs (nothing would create the `default` service accounts it requires).
-/// There is no scheduler and no kubelet: Pods never run. Without the controller manager there is
+/// There is no scheduler and no kubelet: Pods never run, unless a [`crate::FakeKubelet`] plays
+/// the node (build the control plane with [`KubeControlPlaneBuilder::apiserver_bind`] of its
+/// network's gateway so its pods reach the apiserver). Without the controller manager there is
 /// also no garbage collection, no Deployment -> ReplicaSet, and deleted namespaces stay
 /// `Terminating`.
 ///
@@ -192,6 +208,7 @@ pub struct KubeControlPlane {
     etcd_port: u16,
     apiserver_port: u16,
     controller_manager: bool,
+    apiserver_bind: Option<IpAddr>,
 }
 
 impl KubeControlPlane {
@@ -220,7 +237,8 @@ impl KubeControlPlane {
         };
         let tempdir = new_tempdir("mailroom-kube-")?;
         let dir = tempdir.path().to_path_buf();
-        let pki = pki::generate(&dir)?;
+        let extra_sans: Vec<IpAddr> = opts.apiserver_bind.into_iter().collect();
+        let pki = pki::generate(&dir, &extra_sans)?;
         // From here on, an early return drops `cp`: it stops what runs and removes the dir.
         let mut cp = Self {
             processes: Vec::new(),
@@ -230,6 +248,7 @@ impl KubeControlPlane {
             etcd_port: 0,
             apiserver_port: 0,
             controller_manager: opts.controller_manager,
+            apiserver_bind: opts.apiserver_bind,
         };
         cp.start_etcd(&etcd, opts.startup_timeout)?;
         cp.start_apiserver(&apiserver, &opts.apiserver_args, opts.startup_timeout)?;
@@ -349,10 +368,14 @@ impl KubeControlPlane {
     /// The flags of `e2e/tools/smoke-k8s.sh` (minus its static token file).
     fn apiserver_args(&self, port: u16) -> Vec<String> {
         let p = &self.pki;
+        let (bind, advertise) = match self.apiserver_bind {
+            Some(ip) => ("0.0.0.0".to_owned(), ip.to_string()),
+            None => ("127.0.0.1".to_owned(), "127.0.0.1".to_owned()),
+        };
         let mut args = vec![
             format!("--etcd-servers=http://127.0.0.1:{}", self.etcd_port),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
+            format!("--bind-address={bind}"),
+            format!("--advertise-address={advertise}"),
             format!("--secure-port={port}"),
             format!("--tls-cert-file={}", p.apiserver_cert.display()),
             format!("--tls-private-key-file={}", p.apiserver_key.display()),
@@ -527,6 +550,11 @@ impl KubeControlPlane {
         self.apiserver_port
     }
 
+    /// The extra address the apiserver is reachable on ([`KubeControlPlaneBuilder::apiserver_bind`]).
+    pub fn apiserver_bind_address(&self) -> Option<IpAddr> {
+        self.apiserver_bind
+    }
+
     /// etcd's client URL, `http://127.0.0.1:<port>` (no TLS, no auth).
     pub fn etcd_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.etcd_port)
@@ -664,7 +692,8 @@ impl KubeControlPlane {
     /// Runs `helm --kubeconfig <admin kubeconfig> <args...>` (blocking) with helm's cache,
     /// config and data homes in `<dir>/helm/` (see [`crate::helm()`]) and returns its output
     /// whatever the exit status. helm is looked up on first use ([`Tool::Helm`]; build it with
-    /// `e2e/tools/build.sh helm`). There is no kubelet: `helm install --wait` would never finish.
+    /// `e2e/tools/build.sh helm`). Without a [`crate::FakeKubelet`] no pod runs, so
+    /// `helm install --wait` would never finish.
     ///
     /// # Errors
     /// helm not found or not spawnable.
@@ -759,7 +788,7 @@ mod tests {
     fn early_exit_reports_component_and_log_tail() {
         // `false` exits at once: the error names the component, status and command line.
         let tmp = tempfile::tempdir().expect("tempdir");
-        let pki = pki::generate(tmp.path()).expect("pki");
+        let pki = pki::generate(tmp.path(), &[]).expect("pki");
         let mut cp = KubeControlPlane {
             processes: Vec::new(),
             pki,
@@ -768,6 +797,7 @@ mod tests {
             etcd_port: 0,
             apiserver_port: 0,
             controller_manager: false,
+            apiserver_bind: None,
         };
         let err = match cp.launch(
             Component::Etcd,
@@ -791,12 +821,13 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut cp = KubeControlPlane {
             processes: Vec::new(),
-            pki: pki::generate(tmp.path()).expect("pki"),
+            pki: pki::generate(tmp.path(), &[]).expect("pki"),
             dir: tmp.path().to_path_buf(),
             tempdir: None,
             etcd_port: 2379,
             apiserver_port: 0,
             controller_manager: false,
+            apiserver_bind: None,
         };
         let args = cp.apiserver_args(6443);
         for want in [

@@ -8,6 +8,10 @@
 //! * [`KubeControlPlane`]: etcd + kube-apiserver (+ kube-controller-manager) with a generated
 //!   PKI and RBAC on, an admin kubeconfig, a kube-rs client, kubectl and helm ("envtest for
 //!   Rust").
+//! * [`FakeKubelet`]: plays the node of a control plane (binds pods, runs their containers as
+//!   local processes in network and mount namespaces on a [`PodNetwork`] bridge, probes,
+//!   restarts, status). Needs root.
+//! * [`SmtpSink`]: an SMTP server that accepts and records every message, optionally slowly.
 //! * [`helm()`]: `helm` with isolated homes, for `helm lint` / `helm template` in chart tests.
 //!
 //! The binaries are not downloaded at test time. `e2e/tools/build.sh` builds them once from the
@@ -33,13 +37,16 @@ mod dns;
 mod error;
 mod helm;
 mod kube;
+mod kubelet;
 mod nats;
 mod nats_cluster;
 mod net;
 mod process;
+mod smtp_sink;
 mod wait;
 
 pub use crate::kube::{KubeControlPlane, KubeControlPlaneBuilder};
+pub use crate::kubelet::{DEFAULT_NODE_NAME, FakeKubelet, FakeKubeletBuilder, Image, PodNetwork};
 pub use binary::{
     NATS_SERVER_ENV, TOOLS_DIR_ENV, Tool, default_tools_dir, nats_server_binary,
     pinned_nats_version,
@@ -49,4 +56,5 @@ pub use error::{Result, TestkitError};
 pub use helm::{helm, helm_ok};
 pub use nats::{NatsServer, NatsServerBuilder};
 pub use nats_cluster::{NatsCluster, NatsClusterBuilder};
+pub use smtp_sink::{SinkMessage, SmtpSink};
 pub use wait::eventually;

@@ -11,6 +11,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
+use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -99,9 +100,10 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<()> {
     file.write_all(contents.as_bytes()).map_err(io_err)
 }
 
-/// Generates the CA, the apiserver serving cert (IP 127.0.0.1, DNS localhost), the admin client
-/// cert (`O=system:masters`, `CN=admin`) and the service-account key into `<dir>/pki/`.
-pub(crate) fn generate(dir: &Path) -> Result<Pki> {
+/// Generates the CA, the apiserver serving cert (IP 127.0.0.1, DNS localhost, and `extra_ips`),
+/// the admin client cert (`O=system:masters`, `CN=admin`) and the service-account key into
+/// `<dir>/pki/`.
+pub(crate) fn generate(dir: &Path, extra_ips: &[IpAddr]) -> Result<Pki> {
     let pki_dir = dir.join("pki");
     fs::create_dir_all(&pki_dir).map_err(|source| TestkitError::Io {
         what: "cannot create",
@@ -129,8 +131,10 @@ pub(crate) fn generate(dir: &Path) -> Result<Pki> {
 
     // apiserver serving cert
     let server_key = KeyPair::generate().map_err(pki_err("the apiserver key"))?;
+    let mut sans = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    sans.extend(extra_ips.iter().map(ToString::to_string));
     let server = leaf(
-        vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        sans,
         name("kube-apiserver", None),
         ExtendedKeyUsagePurpose::ServerAuth,
         "the apiserver cert",
@@ -210,7 +214,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
 
         let tmp = tempfile::tempdir().expect("tempdir");
-        let pki = generate(tmp.path()).expect("pki");
+        let pki = generate(tmp.path(), &["10.244.0.1".parse().expect("ip")]).expect("pki");
         for cert in [&pki.ca_cert, &pki.apiserver_cert, &pki.admin_cert] {
             let text = fs::read_to_string(cert).expect("read cert");
             assert!(text.starts_with("-----BEGIN CERTIFICATE-----"), "{text}");
