@@ -39,6 +39,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use mailroom_config::JetStreamQueueSpec;
 use mailroom_inbound::report;
+use mailroom_outbound::shaping::LastError;
 use mailroom_queue::{Backlog as QueueBacklog, Queue};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -202,15 +203,20 @@ impl Context {
         Ok(opened)
     }
 
-    /// The rules in force for `policy` in `namespace`; empty when unknown (logged).
-    async fn active_rules(&self, namespace: &str, policy: &str) -> Vec<ActiveRule> {
+    /// The rules in force and the last errors for `policy` in `namespace`, from the workers'
+    /// shaping state; empty when unknown (logged).
+    async fn shaping_state(
+        &self,
+        namespace: &str,
+        policy: &str,
+    ) -> (Vec<ActiveRule>, Vec<LastError>) {
         use mailroom_outbound::shaping::{KvStore, ShapingStore};
         let Ok(NamespaceQueue {
             jetstream: Some(js),
             ..
         }) = self.queue(namespace).await
         else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
         let queue = self.settings.queue_for(namespace);
         let store =
@@ -218,10 +224,10 @@ impl Context {
                 Ok(store) => store,
                 Err(e) => {
                     tracing::warn!(policy, error = %e, "cannot read the shaping state");
-                    return Vec::new();
+                    return (Vec::new(), Vec::new());
                 }
             };
-        match store.overrides().await {
+        let rules = match store.overrides().await {
             Ok(list) => list
                 .into_iter()
                 .map(|o| ActiveRule {
@@ -236,7 +242,12 @@ impl Context {
                 tracing::warn!(policy, error = %e, "cannot read the rules in force");
                 Vec::new()
             }
-        }
+        };
+        let errors = store.last_errors().await.unwrap_or_else(|e| {
+            tracing::warn!(policy, error = %e, "cannot read the last errors");
+            Vec::new()
+        });
+        (rules, errors)
     }
 
     /// The listener's recent traffic from its pods' reported totals; `None` when they cannot
@@ -838,10 +849,10 @@ async fn policy_status(
     };
     if let Some(b) = backlog {
         status.backlog = Some(status_backlog(b));
-        let rules = ctx
-            .active_rules(&dp.namespace().unwrap_or_default(), &dp.name_any())
+        let (rules, errors) = ctx
+            .shaping_state(&dp.namespace().unwrap_or_default(), &dp.name_any())
             .await;
-        status.destinations = status::destinations(&dp.spec, b, &rules);
+        status.destinations = status::destinations(&dp.spec, b, &rules, &errors);
     }
     status.observed_generation = dp.metadata.generation;
     status.conditions = status::conditions(

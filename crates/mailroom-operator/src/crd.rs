@@ -469,6 +469,13 @@ pub struct DestinationStatus {
     /// A response-driven rule in force for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<RuleInForce>,
+    /// The last temporary failure a worker saw here (a reply or a connection error, at most
+    /// 200 characters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// When that was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error_time: Option<Time>,
 }
 
 /// A suspension or throttle a receiving server's reply triggered.

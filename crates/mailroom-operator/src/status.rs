@@ -186,6 +186,13 @@ pub struct ActiveRule {
     pub response: String,
 }
 
+fn time_of(unix_ms: u64) -> Time {
+    Time(
+        k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(unix_ms).unwrap_or(i64::MAX))
+            .unwrap_or(k8s_openapi::jiff::Timestamp::MAX),
+    )
+}
+
 /// Where a policy's mail waits: queued entries grouped by destination the way traffic shaping
 /// groups them (a `destinations` entry's domains together, other domains each on their own),
 /// the [`TOP_DESTINATIONS`] largest first, plus every destination a rule holds back.
@@ -193,6 +200,7 @@ pub fn destinations(
     spec: &crate::crd::DeliveryPolicyResourceSpec,
     backlog: &mailroom_queue::Backlog,
     rules: &[ActiveRule],
+    errors: &[mailroom_outbound::shaping::LastError],
 ) -> Vec<crate::crd::DestinationStatus> {
     use std::collections::BTreeMap;
     let key = |domain: &str| match spec
@@ -232,14 +240,10 @@ pub fn destinations(
                     }
                     .to_owned(),
                     rate: r.rate.clone(),
-                    until: Time(
-                        k8s_openapi::jiff::Timestamp::from_millisecond(
-                            i64::try_from(r.until_ms).unwrap_or(i64::MAX),
-                        )
-                        .unwrap_or(k8s_openapi::jiff::Timestamp::MAX),
-                    ),
+                    until: time_of(r.until_ms),
                     response: r.response.chars().take(200).collect(),
                 });
+            let error = errors.iter().find(|e| e.dest == dest);
             (i < TOP_DESTINATIONS || rule.is_some()).then(|| crate::crd::DestinationStatus {
                 name: dest
                     .split_once(':')
@@ -248,6 +252,8 @@ pub fn destinations(
                 due: count(due),
                 deferred: count(deferred),
                 rule,
+                last_error: error.map(|e| e.response.chars().take(200).collect()),
+                last_error_time: error.map(|e| time_of(e.at_ms)),
             })
         })
         .collect()
@@ -365,17 +371,27 @@ mod destination_tests {
             until_ms: 1_900_000_000_000,
             response: "421 4.7.0 too fast".into(),
         }];
-        let list = destinations(&spec, &backlog, &rules);
+        let errors = vec![mailroom_outbound::shaping::LastError {
+            dest: "domain:b.test".into(),
+            response: "451 4.3.0 mailbox busy".into(),
+            at_ms: 1_800_000_000_000,
+        }];
+        let list = destinations(&spec, &backlog, &rules, &errors);
         let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["b.test", "google", "a.test", "quiet.test"]);
         assert_eq!((list[1].due, list[1].deferred), (5, 0));
+        assert_eq!(
+            list[0].last_error.as_deref(),
+            Some("451 4.3.0 mailbox busy")
+        );
+        assert!(list[1].last_error.is_none());
         let rule = list[3].rule.as_ref().unwrap();
         assert_eq!(
             (rule.action.as_str(), rule.rate.as_deref()),
             ("throttle", Some("10/m"))
         );
         // Only the largest ten, but a destination held back by a rule always shows.
-        let list = destinations(&spec, &many, &rules);
+        let list = destinations(&spec, &many, &rules, &[]);
         assert_eq!(list.len(), TOP_DESTINATIONS + 1);
         assert_eq!(list.last().unwrap().name, "quiet.test");
     }

@@ -907,7 +907,7 @@ async fn the_autoscaler_follows_the_ready_backlog_within_shaping_limits() {
 /// shaping) and the response-driven rules the workers put in force.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_status_shows_where_mail_waits_and_why() {
-    use mailroom_outbound::shaping::{KvStore, Override, ShapingStore};
+    use mailroom_outbound::shaping::{KvStore, LastError, Override, ShapingStore};
     let h = Harness::start(false).await;
     h.namespace("mail").await;
     h.kubectl_apply(
@@ -939,6 +939,14 @@ async fn policy_status_shows_where_mail_waits_and_why() {
         })
         .await
         .expect("override");
+    // And what a worker records for a temporary failure at example.org.
+    store
+        .record_error(&LastError::now(
+            "dest:org",
+            "451 4.2.0 mailbox full, try later",
+        ))
+        .await
+        .expect("last error");
     let policies = h.api::<DeliveryPolicy>("mail");
     let list = eventually("destinations in status", WAIT, || async {
         let list = policies.get("bulk").await.ok()?.status?.destinations;
@@ -946,6 +954,11 @@ async fn policy_status_shows_where_mail_waits_and_why() {
     })
     .await;
     assert_eq!((list[0].name.as_str(), list[0].deferred), ("org", 0));
+    assert_eq!(
+        list[0].last_error.as_deref(),
+        Some("451 4.2.0 mailbox full, try later")
+    );
+    assert!(list[0].last_error_time.is_some());
     assert_eq!((list[1].name.as_str(), list[1].due), ("example.net", 1));
     let rule = list[1].rule.as_ref().expect("the throttle");
     assert_eq!(

@@ -154,6 +154,33 @@ pub trait ShapingStore: Send + Sync {
     async fn override_for(&self, dest: &str) -> Result<Option<Override>, ShapingError>;
     /// Every action in force now (for `mailroom queue stats`).
     async fn overrides(&self) -> Result<Vec<Override>, ShapingError>;
+    /// Records the last temporary failure seen at `dest` (replacing the one before), so that
+    /// status can say why its mail waits.
+    async fn record_error(&self, error: &LastError) -> Result<(), ShapingError>;
+    /// The last temporary failure of every destination that had one (in the last two days).
+    async fn last_errors(&self) -> Result<Vec<LastError>, ShapingError>;
+}
+
+/// The last temporary failure of a destination.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LastError {
+    /// The destination key.
+    pub dest: String,
+    /// The reply or the connection error, at most 200 characters.
+    pub response: String,
+    /// When, Unix ms.
+    pub at_ms: u64,
+}
+
+impl LastError {
+    /// A record of `response` at `dest` now (the response cut to 200 characters).
+    pub fn now(dest: &str, response: &str) -> LastError {
+        LastError {
+            dest: dest.to_owned(),
+            response: response.chars().take(200).collect(),
+            at_ms: mailroom_queue::now_ms(),
+        }
+    }
 }
 
 /// Shaping state in this process. With a file, the rules' actions in force are also written
@@ -163,6 +190,7 @@ pub struct MemoryStore {
     slots: Mutex<HashMap<String, HashSet<u32>>>,
     buckets: Mutex<HashMap<String, Tat>>,
     overrides: Mutex<HashMap<String, Override>>,
+    errors: Mutex<HashMap<String, LastError>>,
     file: Option<std::path::PathBuf>,
 }
 
@@ -256,6 +284,24 @@ impl ShapingStore for MemoryStore {
         let now = mailroom_queue::now_ms();
         let all = self.overrides.lock().unwrap_or_else(|e| e.into_inner());
         Ok(all.values().filter(|o| o.until_ms > now).cloned().collect())
+    }
+
+    async fn record_error(&self, error: &LastError) -> Result<(), ShapingError> {
+        self.errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(error.dest.clone(), error.clone());
+        Ok(())
+    }
+
+    async fn last_errors(&self) -> Result<Vec<LastError>, ShapingError> {
+        Ok(self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect())
     }
 
     async fn take(&self, bucket: &str, rate: &Rate) -> Result<Result<(), Duration>, ShapingError> {
@@ -438,6 +484,42 @@ impl ShapingStore for KvStore {
 
     async fn override_for(&self, dest: &str) -> Result<Option<Override>, ShapingError> {
         self.override_at(&self.override_key(dest)).await
+    }
+
+    async fn record_error(&self, error: &LastError) -> Result<(), ShapingError> {
+        let key = format!("{}.err.{}", self.policy, key_token(&error.dest));
+        let value = Bytes::from(serde_json::to_vec(error).unwrap_or_default());
+        self.rates
+            .put(&key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| Self::err("record error", &key, e))
+    }
+
+    async fn last_errors(&self) -> Result<Vec<LastError>, ShapingError> {
+        use futures_util::StreamExt;
+        let prefix = format!("{}.err.", self.policy);
+        let mut keys = self
+            .rates
+            .keys()
+            .await
+            .map_err(|e| Self::err("list errors", &prefix, e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            if !key.starts_with(&prefix) {
+                continue;
+            }
+            let value = self
+                .rates
+                .get(&key)
+                .await
+                .map_err(|e| Self::err("read error", &key, e))?;
+            if let Some(e) = value.and_then(|v| serde_json::from_slice::<LastError>(&v).ok()) {
+                out.push(e);
+            }
+        }
+        Ok(out)
     }
 
     async fn overrides(&self) -> Result<Vec<Override>, ShapingError> {

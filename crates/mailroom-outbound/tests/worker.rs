@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mailroom_config::{DeliveryPolicySpec, HumanDuration, ListenerSpec};
 use mailroom_inbound::{InboundDeps, Listener, Shutdown};
+use mailroom_outbound::shaping::ShapingStore;
 use mailroom_outbound::{Worker, WorkerDeps};
 use mailroom_queue::local::{LocalOptions, LocalQueue};
 use mailroom_queue::{Queue, StoredMessage, contract};
@@ -92,6 +93,8 @@ impl Drop for Receiver {
 /// The sending side: a spool and a running worker for `policy`.
 struct Sender {
     queue: Arc<LocalQueue>,
+    /// The workers' shaping state (rules, last errors).
+    shaping: Arc<mailroom_outbound::shaping::MemoryStore>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     log: std::path::PathBuf,
@@ -113,9 +116,11 @@ impl Sender {
             .expect("sender spool"),
         );
         let log = dir.path().join("delivery.jsonl");
-        let (stop, task) = Self::run(policy, &queue, &log);
+        let shaping = Arc::new(mailroom_outbound::shaping::MemoryStore::default());
+        let (stop, task) = Self::run(policy, &queue, &log, &shaping);
         Sender {
             queue,
+            shaping,
             stop,
             task,
             log,
@@ -127,13 +132,14 @@ impl Sender {
         policy: &DeliveryPolicySpec,
         queue: &Arc<LocalQueue>,
         log: &std::path::Path,
+        shaping: &Arc<mailroom_outbound::shaping::MemoryStore>,
     ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let deps = WorkerDeps {
             queue: Arc::clone(queue) as Arc<dyn Queue>,
             delivery_log: DeliveryLog::open(Some(log)).expect("delivery log"),
             hostname: "sender.test".into(),
             lease_time: LEASE,
-            shaping: Arc::new(mailroom_outbound::shaping::MemoryStore::default()),
+            shaping: Arc::clone(shaping) as Arc<dyn mailroom_outbound::shaping::ShapingStore>,
         };
         let worker = Worker::new(policy, deps).expect("worker");
         let stop = CancellationToken::new();
@@ -377,6 +383,14 @@ async fn transient_failures_are_retried_on_schedule_until_delivered() {
     assert!(last.contains("connection refused"), "{last}");
     let failures = events(&sender.log_events(), "transient_failure").len();
     assert!(failures >= 2, "one log line per attempt");
+    // The destination's last error is kept for policy status.
+    let errors = sender.shaping.last_errors().await.expect("last errors");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].dest, "domain:later.test");
+    assert!(
+        errors[0].response.contains("connection refused"),
+        "{errors:?}"
+    );
 
     // The receiver comes up: the next attempt delivers.
     let receiver = Receiver::start(SocketAddr::from(([127, 0, 1, 5], port)), &["later.test"]).await;
@@ -431,7 +445,12 @@ async fn a_worker_that_dies_mid_delivery_loses_nothing() {
     // The real receiver takes the address over; a second worker on the same queue gets the
     // entry once the dead worker's lease has run out.
     let receiver = Receiver::start(SocketAddr::from(([127, 0, 1, 6], port)), &["slow.test"]).await;
-    let (stop, task) = Sender::run(&policy(&dns, port), &sender.queue, &sender.log);
+    let (stop, task) = Sender::run(
+        &policy(&dns, port),
+        &sender.queue,
+        &sender.log,
+        &sender.shaping,
+    );
     let got = receiver
         .wait_for(1, LEASE * 3 + Duration::from_secs(10))
         .await;

@@ -157,11 +157,12 @@ pub struct Backlog {
     /// Entries leased to a worker right now, as far as the backend can tell (0 when it cannot).
     pub leased: u64,
     /// Entries due now (ready or leased) by destination domain: how many deliveries could run
-    /// at once if nothing else limited them. The autoscaler caps workers with it.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// at once if nothing else limited them. The autoscaler caps workers with it. (Not in the
+    /// serialized form, which `mailroom queue stats` prints: it has `by_domain` already.)
+    #[serde(skip)]
     pub due_by_domain: BTreeMap<String, u64>,
     /// Entries waiting for a retry, by destination domain.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(skip)]
     pub deferred_by_domain: BTreeMap<String, u64>,
 }
 

@@ -821,6 +821,13 @@ impl Inner {
                 metrics::RECIPIENTS
                     .with_label_values(&[&self.spec.name, "deferred"])
                     .inc_by(pending.len() as u64);
+                // Policy status shows it: why this destination's mail waits.
+                if let Some(dest) = &attempt.dest {
+                    let error = crate::shaping::LastError::now(dest, &response);
+                    if let Err(e) = self.pool.shaper().record_error(&error).await {
+                        tracing::debug!(%dest, error = %e, "could not record the last error");
+                    }
+                }
                 self.deps
                     .queue
                     .defer(
