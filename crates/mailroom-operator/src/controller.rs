@@ -39,7 +39,7 @@ use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use mailroom_config::JetStreamQueueSpec;
 use mailroom_inbound::report;
-use mailroom_outbound::shaping::LastError;
+use mailroom_outbound::shaping::{KvStore, LastError, Override, ShapingStore};
 use mailroom_queue::{Backlog as QueueBacklog, Queue};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -52,7 +52,7 @@ use crate::crd::{
 };
 use crate::metrics;
 use crate::render::{self, FIELD_MANAGER, RenderError, Settings, render_listener, render_policy};
-use crate::status::{self, ActiveRule, Outcome, Rollout, reason};
+use crate::status::{self, Outcome, Rollout, reason};
 
 /// Finalizer on every `DeliveryPolicy`: removed once its queue holds no mail.
 pub const QUEUE_FINALIZER: &str = "mailroom.dev/queue-drained";
@@ -151,6 +151,8 @@ pub struct Context {
     stabilizers: Mutex<HashMap<String, autoscale::Stabilizer>>,
     last_scale: Mutex<HashMap<String, ScaleDecision>>,
     traffic: Mutex<HashMap<String, crate::traffic::Tracker>>,
+    shaping_stores: tokio::sync::Mutex<HashMap<String, Arc<KvStore>>>,
+    stats_stores: tokio::sync::Mutex<HashMap<String, async_nats::jetstream::kv::Store>>,
 }
 
 impl Context {
@@ -179,6 +181,8 @@ impl Context {
             stabilizers: Mutex::new(HashMap::new()),
             last_scale: Mutex::new(HashMap::new()),
             traffic: Mutex::new(HashMap::new()),
+            shaping_stores: tokio::sync::Mutex::new(HashMap::new()),
+            stats_stores: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -203,61 +207,81 @@ impl Context {
         Ok(opened)
     }
 
+    /// The workers' shaping state of `policy` in `namespace` (opened once, then reused).
+    async fn shaping_store(&self, namespace: &str, policy: &str) -> Result<Arc<KvStore>, String> {
+        let key = format!("{namespace}/{policy}");
+        let mut stores = self.shaping_stores.lock().await;
+        if let Some(store) = stores.get(&key) {
+            return Ok(Arc::clone(store));
+        }
+        let js = self
+            .queue(namespace)
+            .await
+            .map_err(|e| e.to_string())?
+            .jetstream
+            .ok_or("the queue has no JetStream context")?;
+        let queue = self.settings.queue_for(namespace);
+        let store = KvStore::open(&js, &queue.stream, policy, usize::from(queue.replicas))
+            .await
+            .map_err(|e| e.to_string())?;
+        let store = Arc::new(store);
+        stores.insert(key, Arc::clone(&store));
+        Ok(store)
+    }
+
     /// The rules in force and the last errors for `policy` in `namespace`, from the workers'
-    /// shaping state; empty when unknown (logged).
+    /// shaping state; empty when unknown (logged; the store is opened again next time).
     async fn shaping_state(
         &self,
         namespace: &str,
         policy: &str,
-    ) -> (Vec<ActiveRule>, Vec<LastError>) {
-        use mailroom_outbound::shaping::{KvStore, ShapingStore};
-        let Ok(NamespaceQueue {
-            jetstream: Some(js),
-            ..
-        }) = self.queue(namespace).await
-        else {
-            return (Vec::new(), Vec::new());
+    ) -> (Vec<Override>, Vec<LastError>) {
+        let read = async {
+            let store = self.shaping_store(namespace, policy).await?;
+            let rules = store.overrides().await.map_err(|e| e.to_string())?;
+            let errors = store.last_errors().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>((rules, errors))
         };
-        let queue = self.settings.queue_for(namespace);
-        let store =
-            match KvStore::open(&js, &queue.stream, policy, usize::from(queue.replicas)).await {
-                Ok(store) => store,
-                Err(e) => {
-                    tracing::warn!(policy, error = %e, "cannot read the shaping state");
-                    return (Vec::new(), Vec::new());
-                }
-            };
-        let rules = match store.overrides().await {
-            Ok(list) => list
-                .into_iter()
-                .map(|o| ActiveRule {
-                    dest: o.dest,
-                    rule: o.rule,
-                    rate: o.rate,
-                    until_ms: o.until_ms,
-                    response: o.response,
-                })
-                .collect(),
+        match read.await {
+            Ok(state) => state,
             Err(e) => {
-                tracing::warn!(policy, error = %e, "cannot read the rules in force");
-                Vec::new()
+                tracing::warn!(policy, error = %e, "cannot read the shaping state");
+                self.shaping_stores
+                    .lock()
+                    .await
+                    .remove(&format!("{namespace}/{policy}"));
+                (Vec::new(), Vec::new())
             }
-        };
-        let errors = store.last_errors().await.unwrap_or_else(|e| {
-            tracing::warn!(policy, error = %e, "cannot read the last errors");
-            Vec::new()
-        });
-        (rules, errors)
+        }
+    }
+
+    /// The listener counts bucket of `namespace` (opened once, then reused).
+    async fn stats_store(
+        &self,
+        namespace: &str,
+    ) -> Result<async_nats::jetstream::kv::Store, String> {
+        let mut stores = self.stats_stores.lock().await;
+        if let Some(store) = stores.get(namespace) {
+            return Ok(store.clone());
+        }
+        let js = self
+            .queue(namespace)
+            .await
+            .map_err(|e| e.to_string())?
+            .jetstream
+            .ok_or("the queue has no JetStream context")?;
+        let spec = self.settings.queue_for(namespace);
+        let store = report::open(&js, &spec.stream, usize::from(spec.replicas)).await?;
+        stores.insert(namespace.to_owned(), store.clone());
+        Ok(store)
     }
 
     /// The listener's recent traffic from its pods' reported totals; `None` when they cannot
-    /// be read (logged).
+    /// be read (logged; the bucket is opened again next time).
     async fn listener_traffic(&self, ml: &MailListener) -> Option<crate::crd::ListenerTraffic> {
         let namespace = ml.namespace().unwrap_or_default();
-        let js = self.queue(&namespace).await.ok()?.jetstream?;
-        let spec = self.settings.queue_for(&namespace);
         let read = async {
-            let store = report::open(&js, &spec.stream, usize::from(spec.replicas)).await?;
+            let store = self.stats_store(&namespace).await?;
             report::read(&store, &ml.name_any()).await
         };
         match read.await {
@@ -271,6 +295,7 @@ impl Context {
             ),
             Err(e) => {
                 tracing::warn!(listener = %ml.name_any(), error = %e, "cannot read listener counts");
+                self.stats_stores.lock().await.remove(&namespace);
                 None
             }
         }

@@ -170,22 +170,6 @@ pub fn conditions(
 /// Most destinations listed in a policy's status (besides those a rule holds back).
 pub const TOP_DESTINATIONS: usize = 10;
 
-/// A rule in force as the shaping state keeps it: destination key (`dest:<name>` or
-/// `domain:<domain>`), rule name, rate (`None`: suspended), end (Unix ms) and the reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ActiveRule {
-    /// Destination key.
-    pub dest: String,
-    /// Rule name.
-    pub rule: String,
-    /// Throttled rate; `None` means suspended.
-    pub rate: Option<String>,
-    /// Unix milliseconds.
-    pub until_ms: u64,
-    /// The reply that triggered it.
-    pub response: String,
-}
-
 fn time_of(unix_ms: u64) -> Time {
     Time(
         k8s_openapi::jiff::Timestamp::from_millisecond(i64::try_from(unix_ms).unwrap_or(i64::MAX))
@@ -199,7 +183,7 @@ fn time_of(unix_ms: u64) -> Time {
 pub fn destinations(
     spec: &crate::crd::DeliveryPolicyResourceSpec,
     backlog: &mailroom_queue::Backlog,
-    rules: &[ActiveRule],
+    rules: &[mailroom_outbound::shaping::Override],
     errors: &[mailroom_outbound::shaping::LastError],
 ) -> Vec<crate::crd::DestinationStatus> {
     use std::collections::BTreeMap;
@@ -364,7 +348,7 @@ mod destination_tests {
         for i in 0..20 {
             many.due_by_domain.insert(format!("x{i}.test"), 1);
         }
-        let rules = vec![ActiveRule {
+        let rules = vec![mailroom_outbound::shaping::Override {
             dest: "domain:quiet.test".into(),
             rule: "slow-down".into(),
             rate: Some("10/m".into()),
