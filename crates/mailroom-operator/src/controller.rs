@@ -1096,19 +1096,15 @@ where
 }
 
 fn listener_secret_names(ml: &MailListener) -> Vec<&str> {
-    [&ml.spec.tls_secret_ref, &ml.spec.users_secret_ref]
-        .into_iter()
-        .flatten()
-        .map(|r| r.name.as_str())
-        .collect()
+    secret_names(listener_secrets(ml))
 }
 
 fn policy_secret_names(dp: &DeliveryPolicy) -> Vec<&str> {
-    [&dp.spec.dkim_secret_ref, &dp.spec.relay_secret_ref]
-        .into_iter()
-        .flatten()
-        .map(|r| r.name.as_str())
-        .collect()
+    secret_names(policy_secrets(dp))
+}
+
+fn secret_names(uses: Vec<SecretUse<'_>>) -> Vec<&str> {
+    uses.into_iter().map(|u| u.secret.name.as_str()).collect()
 }
 
 fn log_result<K: Resource, E: std::fmt::Display, Q: std::fmt::Display>(
