@@ -29,7 +29,7 @@ pub fn helm(home: &Path, args: &[&str]) -> Result<Output> {
 /// # Errors
 /// helm not found, or [`TestkitError::CommandFailed`] with its stderr.
 pub fn helm_ok(home: &Path, args: &[&str]) -> Result<String> {
-    success(args, helm(home, args)?)
+    success("helm", args, helm(home, args)?)
 }
 
 /// `helm [--kubeconfig <kubeconfig>] <args...>` with isolated homes under `home`.
@@ -57,9 +57,9 @@ pub(crate) fn run(home: &Path, kubeconfig: Option<&Path>, args: &[&str]) -> Resu
         })
 }
 
-/// The stdout of a successful run, else [`TestkitError::CommandFailed`] with stderr (or stdout
-/// when stderr is empty).
-pub(crate) fn success(args: &[&str], out: Output) -> Result<String> {
+/// The stdout of a successful run of `tool`, else [`TestkitError::CommandFailed`] with stderr
+/// (or stdout when stderr is empty).
+pub(crate) fn success(tool: &str, args: &[&str], out: Output) -> Result<String> {
     if out.status.success() {
         return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
@@ -69,7 +69,7 @@ pub(crate) fn success(args: &[&str], out: Output) -> Result<String> {
         &out.stderr
     };
     Err(TestkitError::CommandFailed {
-        command: format!("helm {}", args.join(" ")),
+        command: format!("{tool} {}", args.join(" ")),
         status: out.status.to_string(),
         stderr: String::from_utf8_lossy(stderr).trim_end().to_owned(),
     })

@@ -673,20 +673,7 @@ impl KubeControlPlane {
     /// # Errors
     /// kubectl not found, or [`TestkitError::CommandFailed`] with its stderr.
     pub fn kubectl_ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.kubectl(args)?;
-        if out.status.success() {
-            return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
-        }
-        let stderr = if out.stderr.is_empty() {
-            &out.stdout
-        } else {
-            &out.stderr
-        };
-        Err(TestkitError::CommandFailed {
-            command: format!("kubectl {}", args.join(" ")),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(stderr).trim_end().to_owned(),
-        })
+        crate::helm::success("kubectl", args, self.kubectl(args)?)
     }
 
     /// Runs `helm --kubeconfig <admin kubeconfig> <args...>` (blocking) with helm's cache,
@@ -706,7 +693,7 @@ impl KubeControlPlane {
     /// # Errors
     /// helm not found, or [`TestkitError::CommandFailed`] with its stderr.
     pub fn helm_ok(&self, args: &[&str]) -> Result<String> {
-        crate::helm::success(args, self.helm(args)?)
+        crate::helm::success("helm", args, self.helm(args)?)
     }
 
     /// Stops every process in reverse start order (SIGTERM, SIGKILL after 10 s each). The dir
