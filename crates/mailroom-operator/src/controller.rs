@@ -843,6 +843,32 @@ async fn policy_backlog(ctx: &Context, dp: &DeliveryPolicy) -> Result<QueueBackl
     Ok(backlogs.remove(&dp.name_any()).unwrap_or_default())
 }
 
+/// When the oldest entry of each listed destination's domains was accepted; empty (the
+/// status then shows no ages) when the queue cannot say.
+async fn oldest_queued(
+    ctx: &Context,
+    dp: &DeliveryPolicy,
+    groups: &[status::DestinationGroup],
+) -> std::collections::BTreeMap<String, u64> {
+    let domains: Vec<String> = groups.iter().flat_map(|g| g.domains.clone()).collect();
+    if domains.is_empty() {
+        return Default::default();
+    }
+    let namespace = dp.namespace().unwrap_or_default();
+    let result = match ctx.queue(&namespace).await {
+        Ok(q) => q
+            .queue
+            .oldest_queued(&dp.name_any(), &domains)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    result.unwrap_or_else(|error| {
+        tracing::warn!(policy = %dp.name_any(), %error, "cannot read the oldest queued entries");
+        Default::default()
+    })
+}
+
 fn status_backlog(b: &QueueBacklog) -> Backlog {
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     Backlog {
@@ -877,7 +903,10 @@ async fn policy_status(
         let (rules, errors) = ctx
             .shaping_state(&dp.namespace().unwrap_or_default(), &dp.name_any())
             .await;
-        status.destinations = status::destinations(&dp.spec, b, &rules, &errors);
+        let groups = status::destination_groups(&dp.spec, b, &rules);
+        let oldest = oldest_queued(ctx, dp, &groups).await;
+        status.destinations =
+            status::destinations(&groups, &rules, &errors, &oldest, mailroom_queue::now_ms());
     }
     status.observed_generation = dp.metadata.generation;
     status.conditions = status::conditions(

@@ -466,6 +466,13 @@ pub struct DestinationStatus {
     pub due: i64,
     /// Entries waiting for a retry after a temporary failure.
     pub deferred: i64,
+    /// When the oldest message queued here was accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest: Option<Time>,
+    /// How long that message has waited (`45s`, `12m`, `3h12m`, `2d4h`), as of the last
+    /// backlog refresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_age: Option<String>,
     /// A response-driven rule in force for this destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<RuleInForce>,

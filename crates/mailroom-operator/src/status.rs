@@ -3,6 +3,8 @@
 //! --for=condition=Ready` and alerts can rely on them); a condition's `lastTransitionTime`
 //! changes only when its status does.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -177,16 +179,38 @@ fn time_of(unix_ms: u64) -> Time {
     )
 }
 
+/// One destination's queued entries, grouped the way traffic shaping groups them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestinationGroup {
+    /// The shaping key: `dest:<name>` for a `destinations` entry, else `domain:<domain>`.
+    pub key: String,
+    /// Entries due now.
+    pub due: u64,
+    /// Entries waiting for a retry.
+    pub deferred: u64,
+    /// The recipient domains with queued entries.
+    pub domains: Vec<String>,
+}
+
+fn group(groups: &mut BTreeMap<String, DestinationGroup>, key: String) -> &mut DestinationGroup {
+    groups
+        .entry(key.clone())
+        .or_insert_with(|| DestinationGroup {
+            key,
+            due: 0,
+            deferred: 0,
+            domains: Vec::new(),
+        })
+}
+
 /// Where a policy's mail waits: queued entries grouped by destination the way traffic shaping
 /// groups them (a `destinations` entry's domains together, other domains each on their own),
 /// the [`TOP_DESTINATIONS`] largest first, plus every destination a rule holds back.
-pub fn destinations(
+pub fn destination_groups(
     spec: &crate::crd::DeliveryPolicyResourceSpec,
     backlog: &mailroom_queue::Backlog,
     rules: &[mailroom_outbound::shaping::Override],
-    errors: &[mailroom_outbound::shaping::LastError],
-) -> Vec<crate::crd::DestinationStatus> {
-    use std::collections::BTreeMap;
+) -> Vec<DestinationGroup> {
     let key = |domain: &str| match spec
         .policy
         .destinations
@@ -196,25 +220,55 @@ pub fn destinations(
         Some(dest) => format!("dest:{}", dest.name),
         None => format!("domain:{domain}"),
     };
-    let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for (domain, n) in &backlog.due_by_domain {
-        counts.entry(key(domain)).or_default().0 += n;
-    }
-    for (domain, n) in &backlog.deferred_by_domain {
-        counts.entry(key(domain)).or_default().1 += n;
+    let mut groups: BTreeMap<String, DestinationGroup> = BTreeMap::new();
+    for (by_domain, deferred) in [
+        (&backlog.due_by_domain, false),
+        (&backlog.deferred_by_domain, true),
+    ] {
+        for (domain, n) in by_domain {
+            let g = group(&mut groups, key(domain));
+            *if deferred {
+                &mut g.deferred
+            } else {
+                &mut g.due
+            } += n;
+            if !g.domains.contains(domain) {
+                g.domains.push(domain.clone());
+            }
+        }
     }
     for rule in rules {
-        counts.entry(rule.dest.clone()).or_default();
+        group(&mut groups, rule.dest.clone());
     }
-    let mut list: Vec<(String, (u64, u64))> = counts.into_iter().collect();
-    list.sort_by(|a, b| (b.1.0 + b.1.1).cmp(&(a.1.0 + a.1.1)).then(a.0.cmp(&b.0)));
-    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let mut list: Vec<DestinationGroup> = groups.into_values().collect();
+    list.sort_by(|a, b| {
+        (b.due + b.deferred)
+            .cmp(&(a.due + a.deferred))
+            .then(a.key.cmp(&b.key))
+    });
     list.into_iter()
         .enumerate()
-        .filter_map(|(i, (dest, (due, deferred)))| {
+        .filter(|(i, g)| *i < TOP_DESTINATIONS || rules.iter().any(|r| r.dest == g.key))
+        .map(|(_, g)| g)
+        .collect()
+}
+
+/// The status of each of `groups`: its counts, the rule in force, the last temporary failure,
+/// and its oldest entry from `oldest` (acceptance time in Unix ms by domain) as of `now_ms`.
+pub fn destinations(
+    groups: &[DestinationGroup],
+    rules: &[mailroom_outbound::shaping::Override],
+    errors: &[mailroom_outbound::shaping::LastError],
+    oldest: &BTreeMap<String, u64>,
+    now_ms: u64,
+) -> Vec<crate::crd::DestinationStatus> {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    groups
+        .iter()
+        .map(|g| {
             let rule = rules
                 .iter()
-                .find(|r| r.dest == dest)
+                .find(|r| r.dest == g.key)
                 .map(|r| crate::crd::RuleInForce {
                     name: r.rule.clone(),
                     action: if r.rate.is_some() {
@@ -227,20 +281,41 @@ pub fn destinations(
                     until: time_of(r.until_ms),
                     response: r.response.chars().take(200).collect(),
                 });
-            let error = errors.iter().find(|e| e.dest == dest);
-            (i < TOP_DESTINATIONS || rule.is_some()).then(|| crate::crd::DestinationStatus {
-                name: dest
+            let error = errors.iter().find(|e| e.dest == g.key);
+            let first = g
+                .domains
+                .iter()
+                .filter_map(|d| oldest.get(d))
+                .min()
+                .copied();
+            crate::crd::DestinationStatus {
+                name: g
+                    .key
                     .split_once(':')
-                    .map_or(dest.as_str(), |(_, name)| name)
+                    .map_or(g.key.as_str(), |(_, name)| name)
                     .to_owned(),
-                due: count(due),
-                deferred: count(deferred),
+                due: count(g.due),
+                deferred: count(g.deferred),
+                oldest: first.map(time_of),
+                oldest_age: first.map(|at| age(now_ms.saturating_sub(at) / 1000)),
                 rule,
                 last_error: error.map(|e| e.response.chars().take(200).collect()),
                 last_error_time: error.map(|e| time_of(e.at_ms)),
-            })
+            }
         })
         .collect()
+}
+
+/// A coarse age: `45s`, `12m`, `3h12m`, `2d4h`. Coarser as it grows, so a stuck message
+/// changes the status once a minute at most, and once an hour after a day.
+pub fn age(seconds: u64) -> String {
+    let (m, h, d) = (seconds / 60, seconds / 3600, seconds / 86_400);
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{m}m"),
+        3600..86_400 => format!("{h}h{}m", m % 60),
+        _ => format!("{d}d{}h", h % 24),
+    }
 }
 
 #[cfg(test)]
@@ -360,7 +435,14 @@ mod destination_tests {
             response: "451 4.3.0 mailbox busy".into(),
             at_ms: 1_800_000_000_000,
         }];
-        let list = destinations(&spec, &backlog, &rules, &errors);
+        let oldest = [
+            ("gmail.com".to_owned(), 5_000),
+            ("googlemail.com".to_owned(), 2_000),
+            ("b.test".to_owned(), 9_000),
+        ]
+        .into();
+        let groups = destination_groups(&spec, &backlog, &rules);
+        let list = destinations(&groups, &rules, &errors, &oldest, 3_725_000);
         let names: Vec<&str> = list.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["b.test", "google", "a.test", "quiet.test"]);
         assert_eq!((list[1].due, list[1].deferred), (5, 0));
@@ -369,14 +451,38 @@ mod destination_tests {
             Some("451 4.3.0 mailbox busy")
         );
         assert!(list[1].last_error.is_none());
+        // A group's oldest entry is the oldest of its domains'; none known, none shown.
+        assert_eq!(list[1].oldest, Some(time_of(2_000)));
+        assert_eq!(list[1].oldest_age.as_deref(), Some("1h2m"));
+        assert_eq!(list[0].oldest_age.as_deref(), Some("1h1m"));
+        assert!(list[2].oldest.is_none() && list[2].oldest_age.is_none());
+        assert_eq!(groups[1].domains, ["gmail.com", "googlemail.com"]);
         let rule = list[3].rule.as_ref().unwrap();
         assert_eq!(
             (rule.action.as_str(), rule.rate.as_deref()),
             ("throttle", Some("10/m"))
         );
         // Only the largest ten, but a destination held back by a rule always shows.
-        let list = destinations(&spec, &many, &rules, &[]);
+        let list = destination_groups(&spec, &many, &rules);
         assert_eq!(list.len(), TOP_DESTINATIONS + 1);
-        assert_eq!(list.last().unwrap().name, "quiet.test");
+        assert_eq!(list.last().unwrap().key, "domain:quiet.test");
+        assert!(list.last().unwrap().domains.is_empty());
+    }
+
+    #[test]
+    fn ages_coarsen_as_they_grow() {
+        let cases = [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m"),
+            (3599, "59m"),
+            (3600, "1h0m"),
+            (86_399, "23h59m"),
+            (86_400, "1d0h"),
+            (200_000, "2d7h"),
+        ];
+        for (seconds, text) in cases {
+            assert_eq!(age(seconds), text, "{seconds}");
+        }
     }
 }

@@ -914,6 +914,7 @@ async fn policy_status_shows_where_mail_waits_and_why() {
         "apiVersion: mailroom.dev/v1alpha1\nkind: DeliveryPolicy\nmetadata: { name: bulk, namespace: mail }\n\
          spec:\n  destinations: [{ name: org, domains: [example.org, \"*.example.org\"] }]\n",
     );
+    let mut accepted_ms = Vec::new();
     for to in [
         "a@example.org",
         "b@sub.example.org",
@@ -922,6 +923,7 @@ async fn policy_status_shows_where_mail_waits_and_why() {
     ] {
         let mut message = mailroom_queue::contract::message("s@example.test", &[to]);
         message.envelope.policy = "bulk".to_owned();
+        accepted_ms.push(message.envelope.id.timestamp_ms());
         h.queue.enqueue(message).await.expect("enqueue");
     }
     // What a worker records when example.net answers 421 and a throttle rule matches.
@@ -959,6 +961,15 @@ async fn policy_status_shows_where_mail_waits_and_why() {
         Some("451 4.2.0 mailbox full, try later")
     );
     assert!(list[0].last_error_time.is_some());
+    // The oldest message of each destination: the first of the group's, read from the queue
+    // (to the second, as the API server keeps times).
+    let seconds = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        t.as_ref().map(|t| t.0.as_second() as u64)
+    };
+    assert_eq!(seconds(&list[0].oldest), Some(accepted_ms[0] / 1000));
+    assert_eq!(seconds(&list[1].oldest), Some(accepted_ms[3] / 1000));
+    let age = list[0].oldest_age.as_deref().unwrap_or_default();
+    assert!(age.ends_with('s'), "an age in seconds: {age:?}");
     assert_eq!((list[1].name.as_str(), list[1].due), ("example.net", 1));
     let rule = list[1].rule.as_ref().expect("the throttle");
     assert_eq!(

@@ -495,10 +495,9 @@ pub async fn defer_comes_back_after_delay<B: Backend>(backend: &mut B) {
     let m = message("a@x.org", &["1@a.example", "2@a.example", "3@a.example"]);
     let id = m.envelope.id;
     ok(queue.enqueue(m.clone()).await, "enqueue");
-    ok(
-        queue.enqueue(message("a@x.org", &["x@b.example"])).await,
-        "enqueue other",
-    );
+    let second = message("a@x.org", &["x@b.example"]);
+    let second_id = second.envelope.id;
+    ok(queue.enqueue(second).await, "enqueue other");
     let mut leases = lease_n(&queue, "default", 2, Duration::from_secs(5)).await;
     assert_eq!(leases.len(), 2);
     leases.sort_by_key(|l| l.key.domain.clone());
@@ -568,6 +567,23 @@ pub async fn defer_comes_back_after_delay<B: Backend>(backend: &mut B) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The oldest entry per domain is the message's acceptance time, due or deferred alike;
+    // domains not asked for, and asked for without mail, are left out.
+    let wanted = ["a.example", "b.example", "none.example"].map(String::from);
+    let oldest = ok(
+        queue.oldest_queued("default", &wanted).await,
+        "oldest_queued",
+    );
+    assert_eq!(
+        oldest,
+        [
+            ("a.example".to_owned(), id.timestamp_ms()),
+            ("b.example".to_owned(), second_id.timestamp_ms())
+        ]
+        .into()
+    );
+    let other_policy = ok(queue.oldest_queued("other", &wanted).await, "oldest_queued");
+    assert!(other_policy.is_empty(), "{other_policy:?}");
     drop(queue);
     let queue = backend.open().await;
 

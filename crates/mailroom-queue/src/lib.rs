@@ -109,6 +109,16 @@ pub trait Queue: Send + Sync + 'static {
     /// The backlog of every policy with queued entries.
     async fn backlogs(&self) -> Result<Backlogs, QueueError>;
 
+    /// When the oldest queued entry (due, leased or deferred) of each of `domains` under
+    /// `policy` was accepted, in Unix milliseconds: how long its mail has waited. Domains with
+    /// nothing queued are left out. For JetStream this costs one request per domain, so callers
+    /// ask only for the destinations they show.
+    async fn oldest_queued(
+        &self,
+        policy: &str,
+        domains: &[String],
+    ) -> Result<std::collections::BTreeMap<String, u64>, QueueError>;
+
     /// True while the backend can accept messages (for /readyz).
     fn is_ready(&self) -> bool;
 

@@ -60,6 +60,11 @@ impl Subjects {
         format!("{}{}.>", self.due, token(policy, false))
     }
 
+    /// The subject filter of every deferred entry of `policy`: `<root>.d.<policy>.>`.
+    pub(crate) fn deferred_filter(&self, policy: &str) -> String {
+        format!("{}{}.>", self.deferred, token(policy, false))
+    }
+
     /// The subject of a deferred entry.
     pub(crate) fn deferred_subject(&self, policy: &str, id: QueueId, domain: &str) -> String {
         format!(

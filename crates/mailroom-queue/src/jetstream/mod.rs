@@ -728,6 +728,7 @@ impl Inner {
     async fn subject_counts(
         &self,
         resources: &Resources,
+        filter: &str,
     ) -> Result<Vec<(entry::Place, u64)>, JetStreamError> {
         let stream_err = |source: BoxError| JetStreamError::Stream {
             op: "info with subjects",
@@ -736,7 +737,7 @@ impl Inner {
         };
         let subjects = resources
             .stream
-            .info_with_subjects(">")
+            .info_with_subjects(filter)
             .await
             .map_err(|e| stream_err(boxed(e)))?;
         let mut subjects = std::pin::pin!(subjects);
@@ -1157,7 +1158,7 @@ impl Inner {
         resources: &Resources,
     ) -> Result<BTreeMap<String, u64>, JetStreamError> {
         let mut by_domain: BTreeMap<String, u64> = BTreeMap::new();
-        for (place, count) in self.subject_counts(resources).await? {
+        for (place, count) in self.subject_counts(resources, ">").await? {
             let (entry::Place::Due { domain, .. } | entry::Place::Deferred { domain, .. }) = place;
             *by_domain.entry(domain).or_default() += count;
         }
@@ -1244,6 +1245,14 @@ impl Queue for JetStreamQueue {
 
     async fn backlogs(&self) -> Result<Backlogs, QueueError> {
         Ok(self.inner.backlogs().await?)
+    }
+
+    async fn oldest_queued(
+        &self,
+        policy: &str,
+        domains: &[String],
+    ) -> Result<BTreeMap<String, u64>, QueueError> {
+        Ok(self.inner.oldest_queued(policy, domains).await?)
     }
 
     async fn enqueue(&self, message: StoredMessage) -> Result<(), QueueError> {

@@ -29,7 +29,7 @@
 //!   JetStream scaler reading `num_pending` of `mailroom-<policy>` therefore never counts
 //!   deferred mail.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -605,7 +605,7 @@ impl Inner {
         let resources = self.ready().await?;
         let mut due: HashMap<String, u64> = HashMap::new();
         let mut out = Backlogs::new();
-        for (place, count) in self.subject_counts(&resources).await? {
+        for (place, count) in self.subject_counts(&resources, ">").await? {
             match place {
                 Place::Due { policy, domain } => {
                     *due.entry(policy.clone()).or_default() += count;
@@ -630,6 +630,55 @@ impl Inner {
             let b: &mut Backlog = out.entry(policy).or_default();
             b.leased = leased.min(count);
             b.ready = count - b.leased;
+        }
+        Ok(out)
+    }
+
+    /// Deferred entries carry their queue id in the subject; for due entries (one subject per
+    /// domain, in arrival order) the first message's `Mailroom-Id` is the oldest. An entry
+    /// retried after a deferral goes to the end of its due subject, so for due mail this is
+    /// the oldest entry still on its first wait, which a deferred one older than it outranks.
+    pub(super) async fn oldest_queued(
+        &self,
+        policy: &str,
+        domains: &[String],
+    ) -> Result<BTreeMap<String, u64>, JetStreamError> {
+        use jetstream::stream::DirectGetErrorKind as K;
+        let resources = self.ready().await?;
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        let mut note = |domain: &str, at: u64| {
+            let slot = out.entry(domain.to_owned()).or_insert(u64::MAX);
+            *slot = (*slot).min(at);
+        };
+        let filter = self.subjects.deferred_filter(policy);
+        for (place, _) in self.subject_counts(&resources, &filter).await? {
+            if let Place::Deferred { id, domain, .. } = place
+                && domains.contains(&domain)
+            {
+                note(&domain, id.timestamp_ms());
+            }
+        }
+        for domain in domains {
+            let subject = self.subjects.subject(policy, domain);
+            match resources.stream.direct_get_first_for_subject(subject).await {
+                Ok(first) => {
+                    if let Some(id) = first
+                        .headers
+                        .get(entry::HEADER_ID)
+                        .and_then(|v| entry::parse_id(v.as_str()))
+                    {
+                        note(domain, id.timestamp_ms());
+                    }
+                }
+                Err(e) if e.kind() == K::NotFound => {}
+                Err(e) => {
+                    return Err(JetStreamError::Stream {
+                        op: "direct get",
+                        stream: self.options.stream.clone(),
+                        source: boxed(e),
+                    });
+                }
+            }
         }
         Ok(out)
     }

@@ -38,6 +38,7 @@ mod format;
 mod index;
 mod sched;
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -903,6 +904,14 @@ impl Queue for LocalQueue {
         let mut sched = self.shared.sched();
         sched.reclaim(Instant::now());
         Ok(sched.backlogs(now_ms()))
+    }
+
+    async fn oldest_queued(
+        &self,
+        policy: &str,
+        domains: &[String],
+    ) -> Result<BTreeMap<String, u64>, QueueError> {
+        Ok(self.shared.sched().oldest_queued(policy, domains))
     }
 
     fn is_ready(&self) -> bool {

@@ -535,6 +535,31 @@ impl Sched {
         }
         out
     }
+
+    /// The acceptance time of the oldest due, deferred or leased entry per domain of `domains`
+    /// (the queue id's timestamp).
+    pub(crate) fn oldest_queued(&self, policy: &str, domains: &[String]) -> BTreeMap<String, u64> {
+        let wanted: BTreeSet<&str> = domains.iter().map(String::as_str).collect();
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        let due = self
+            .due
+            .get(policy)
+            .into_iter()
+            .flatten()
+            .map(|(_, id, d)| (id, d));
+        let held = self
+            .held
+            .iter()
+            .filter(|(_, id, _)| self.messages.get(id).is_some_and(|m| m.policy == policy))
+            .map(|(_, id, d)| (id, d));
+        for (id, domain) in due.chain(held) {
+            if wanted.contains(domain.as_str()) {
+                let at = out.entry(domain.clone()).or_insert(u64::MAX);
+                *at = (*at).min(id.timestamp_ms());
+            }
+        }
+        out
+    }
 }
 
 impl StateFile {
