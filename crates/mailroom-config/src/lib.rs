@@ -24,11 +24,13 @@ pub use config::{
 };
 pub use human::{ByteSize, HumanDuration, HumanError, Rate};
 pub use limits::{Limits, Timeouts};
-pub use listener::{AuthMechanism, AuthSpec, ListenerMode, ListenerSpec, TlsSpec};
+pub use listener::{AuthMechanism, AuthSpec, DnsSpec, ListenerMode, ListenerSpec, TlsSpec};
 pub use load::{ConfigError, Problem, load_file, load_str, parse};
 pub use plugins::{
-    AccessPluginSpec, FailMode, HeadersPluginSpec, PluginSpec, RspamdPluginSpec, Sidecar,
-    SidecarSpec,
+    AccessPluginSpec, ArcVerifyPluginSpec, DkimVerifyPluginSpec, DmarcPluginSpec, DnsblPluginSpec,
+    DnswlPluginSpec, EarlyTalkerPluginSpec, FailMode, GreylistPluginSpec, HeadersPluginSpec,
+    HeloPluginSpec, IprevPluginSpec, PluginSpec, RateLimitPluginSpec, RecipientsPluginSpec,
+    RspamdPluginSpec, Sidecar, SidecarSpec, SpfPluginSpec, TarpitPluginSpec, WebhookPluginSpec,
 };
 pub use policy::{
     BounceSpec, ClientTimeouts, DeliveryPolicySpec, DestinationSpec, DkimAlgorithm, DkimSpec,

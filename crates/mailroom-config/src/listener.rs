@@ -63,6 +63,9 @@ pub struct ListenerSpec {
     /// Plugin chain, run in order at each stage of a session.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
+    /// The DNS resolver of the listener's plugins (DNSBL, SPF, DKIM, DMARC, reverse DNS).
+    #[serde(default, skip_serializing_if = "DnsSpec::is_default")]
+    pub dns: DnsSpec,
     /// The delivery policy recorded with every message this listener accepts (its workers
     /// deliver it). Default `default`.
     #[serde(default = "default_policy_name")]
@@ -89,6 +92,7 @@ impl ListenerSpec {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             plugins: Vec::new(),
+            dns: DnsSpec::default(),
             delivery_policy: default_policy_name(),
         }
     }
@@ -297,5 +301,31 @@ mod tests {
         l.relay_networks = vec!["10.0.0.0/8".parse().unwrap_or_else(|e| panic!("{e}"))];
         assert!(l.may_relay("10.1.2.3".parse().unwrap_or_else(|e| panic!("{e}"))));
         assert!(!l.may_relay("11.1.2.3".parse().unwrap_or_else(|e| panic!("{e}"))));
+    }
+}
+
+/// The DNS resolver plugins use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DnsSpec {
+    /// Name servers as `ip:port` (UDP and TCP). Default: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<String>,
+    /// Longest wait for one answer. Default 5s.
+    pub timeout: HumanDuration,
+}
+
+impl Default for DnsSpec {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: HumanDuration::from_secs(5),
+        }
+    }
+}
+
+impl DnsSpec {
+    /// Whether this is the default (left out when written).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }

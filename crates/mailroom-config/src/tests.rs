@@ -314,7 +314,7 @@ fn plugin_entries_set_exactly_one_kind() {
     assert_problem(
         &found,
         "listeners[0].plugins[0]",
-        "set exactly one plugin kind (one of: access, headers, rspamd), found none",
+        "set exactly one plugin kind (one of: access, headers, rspamd, dnsbl, dnswl, iprev, helo, spf, dkimVerify, dmarc, arcVerify, rateLimit, greylist, earlyTalker, tarpit, recipients, webhook), found none",
     );
     assert_problem(
         &found,

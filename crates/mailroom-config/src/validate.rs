@@ -18,23 +18,23 @@ use crate::syntax;
 
 /// Collects problems under a path prefix.
 #[derive(Default)]
-struct Problems(Vec<Problem>);
+pub(crate) struct Problems(Vec<Problem>);
 
 impl Problems {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(Problem {
             path: path.into(),
             message: message.into(),
         });
     }
 
-    fn check(&mut self, path: impl Into<String>, result: Result<(), String>) {
+    pub(crate) fn check(&mut self, path: impl Into<String>, result: Result<(), String>) {
         if let Err(message) = result {
             self.push(path, message);
         }
     }
 
-    fn range(&mut self, path: String, value: u64, range: RangeInclusive<u64>) {
+    pub(crate) fn range(&mut self, path: String, value: u64, range: RangeInclusive<u64>) {
         if !range.contains(&value) {
             self.push(
                 path,
@@ -47,7 +47,7 @@ impl Problems {
         }
     }
 
-    fn non_empty(&mut self, path: String, value: &str) {
+    pub(crate) fn non_empty(&mut self, path: String, value: &str) {
         if value.trim().is_empty() {
             self.push(path, "must not be empty");
         }
@@ -391,9 +391,15 @@ fn check_listener(l: &ListenerSpec, at: &str, p: &mut Problems) {
     for (j, plugin) in l.plugins.iter().enumerate() {
         check_plugin(plugin, &format!("{at}.plugins[{j}]"), p);
     }
+    for (j, ns) in l.dns.nameservers.iter().enumerate() {
+        p.check(format!("{at}.dns.nameservers[{j}]"), check_socket_addr(ns));
+    }
+    if l.dns.timeout.is_zero() {
+        p.push(format!("{at}.dns.timeout"), "must be above 0s");
+    }
 }
 
-fn check_socket_addr(address: &str) -> Result<(), String> {
+pub(crate) fn check_socket_addr(address: &str) -> Result<(), String> {
     address.trim().parse::<SocketAddr>().map(drop).map_err(|_| {
         format!(
             "invalid address {address:?}: expected an IP address and a port, \
@@ -526,6 +532,48 @@ fn check_plugin(plugin: &PluginSpec, at: &str, p: &mut Problems) {
     }
     if let Some(access) = &plugin.access {
         check_access(access, &format!("{at}.access"), p);
+    }
+    if let Some(spec) = &plugin.dnsbl {
+        spec.check(&format!("{at}.dnsbl"), p);
+    }
+    if let Some(spec) = &plugin.dnswl {
+        spec.check(&format!("{at}.dnswl"), p);
+    }
+    if let Some(spec) = &plugin.iprev {
+        spec.check(&format!("{at}.iprev"), p);
+    }
+    if let Some(spec) = &plugin.helo {
+        spec.check(&format!("{at}.helo"), p);
+    }
+    if let Some(spec) = &plugin.spf {
+        spec.check(&format!("{at}.spf"), p);
+    }
+    if let Some(spec) = &plugin.dkim_verify {
+        spec.check(&format!("{at}.dkimVerify"), p);
+    }
+    if let Some(spec) = &plugin.dmarc {
+        spec.check(&format!("{at}.dmarc"), p);
+    }
+    if let Some(spec) = &plugin.arc_verify {
+        spec.check(&format!("{at}.arcVerify"), p);
+    }
+    if let Some(spec) = &plugin.rate_limit {
+        spec.check(&format!("{at}.rateLimit"), p);
+    }
+    if let Some(spec) = &plugin.greylist {
+        spec.check(&format!("{at}.greylist"), p);
+    }
+    if let Some(spec) = &plugin.early_talker {
+        spec.check(&format!("{at}.earlyTalker"), p);
+    }
+    if let Some(spec) = &plugin.tarpit {
+        spec.check(&format!("{at}.tarpit"), p);
+    }
+    if let Some(spec) = &plugin.recipients {
+        spec.check(&format!("{at}.recipients"), p);
+    }
+    if let Some(spec) = &plugin.webhook {
+        spec.check(&format!("{at}.webhook"), p);
     }
     if let Some(rspamd) = &plugin.rspamd {
         let at = format!("{at}.rspamd");

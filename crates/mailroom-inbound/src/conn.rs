@@ -125,6 +125,11 @@ impl<S: SmtpStream> Conn<S> {
         reply.write_to(&mut self.wbuf);
     }
 
+    /// Whether replies wait to be sent.
+    pub fn has_output(&self) -> bool {
+        !self.wbuf.is_empty()
+    }
+
     /// Sends queued replies.
     pub async fn flush(&mut self) -> io::Result<()> {
         if self.wbuf.is_empty() {

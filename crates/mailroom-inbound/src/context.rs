@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailroom_config::{AuthMechanism, ListenerMode, ListenerSpec};
-use mailroom_plugins::{BuildContext, PluginChain, build_chain};
+use mailroom_plugins::{BuildContext, PluginChain, SharedBackend, build_chain};
 use mailroom_queue::Queue;
 use mailroom_telemetry::DeliveryLog;
 use tokio_rustls::TlsAcceptor;
@@ -25,6 +25,9 @@ pub struct InboundDeps {
     pub delivery_log: DeliveryLog,
     /// Host name used when the listener sets none.
     pub hostname: String,
+    /// Where plugins keep state shared across inbound processes (the cluster queue's
+    /// JetStream); `None` keeps it in this process.
+    pub shared: Option<SharedBackend>,
 }
 
 /// Effective limits of a listener.
@@ -87,8 +90,9 @@ impl ListenerContext {
             &spec.plugins,
             &format!("{path}.plugins"),
             &BuildContext {
-                listener: spec.name.clone(),
-                hostname: hostname.clone(),
+                dns: spec.dns.clone(),
+                shared: deps.shared.clone(),
+                ..BuildContext::new(&spec.name, &hostname)
             },
         )?;
         let (tls, cert) = match &spec.tls {
@@ -169,8 +173,8 @@ impl ListenerContext {
             &spec.plugins,
             &format!("{path}.plugins"),
             &BuildContext {
-                listener: spec.name.clone(),
-                hostname: hostname.to_string(),
+                dns: spec.dns.clone(),
+                ..BuildContext::new(&spec.name, hostname)
             },
         )?;
         if let Some(t) = &spec.tls {

@@ -65,7 +65,7 @@ pub fn assemble(
     }
     let mut out = Vec::with_capacity(head.len() + body.len());
     out.extend_from_slice(head.as_bytes());
-    if edits.remove_headers.is_empty() {
+    if !edits.removes_any() {
         out.extend_from_slice(body);
     } else {
         out.extend_from_slice(&edits.strip_removed(body));

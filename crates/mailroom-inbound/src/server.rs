@@ -200,6 +200,7 @@ async fn handle_connection(
         tls: false,
         auth_user: None,
         submission: ctx.submission,
+        notes: Default::default(),
     };
     // The TLS path is boxed so that a plaintext session's task does not carry its (large) state.
     if ctx.implicit_tls {

@@ -300,11 +300,12 @@ pub fn listener_config(ml: &MailListener, settings: &Settings) -> Result<Config,
         &listener.plugins,
         "spec.plugins",
         &mailroom_plugins::BuildContext {
-            listener: listener.name.clone(),
-            hostname: listener
-                .hostname
-                .clone()
-                .unwrap_or_else(|| "localhost".to_owned()),
+            dns: listener.dns.clone(),
+            load_files: false,
+            ..mailroom_plugins::BuildContext::new(
+                &listener.name,
+                listener.hostname.as_deref().unwrap_or("localhost"),
+            )
         },
     ) {
         problems.push(plugin_problem(&e));
@@ -316,18 +317,7 @@ pub fn listener_config(ml: &MailListener, settings: &Settings) -> Result<Config,
 }
 
 fn plugin_problem(e: &mailroom_plugins::PluginError) -> Problem {
-    match e {
-        mailroom_plugins::PluginError::Kind { path } => Problem::new(
-            path.clone(),
-            format!(
-                "set exactly one plugin kind ({})",
-                mailroom_config::PluginSpec::KINDS.join(", ")
-            ),
-        ),
-        mailroom_plugins::PluginError::Pattern { path, source } => {
-            Problem::new(path.clone(), source.to_string())
-        }
-    }
+    Problem::new(e.path().to_owned(), e.reason())
 }
 
 /// The outbound config of a policy: its spec with `name` from `metadata.name` and Secret keys

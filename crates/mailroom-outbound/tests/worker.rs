@@ -53,6 +53,7 @@ impl Receiver {
             queue: Arc::clone(&queue) as Arc<dyn Queue>,
             delivery_log: DeliveryLog::discard(),
             hostname: "mx.test".into(),
+            shared: None,
         };
         let listener = Listener::bind(&spec, "listeners[0]", &deps)
             .await

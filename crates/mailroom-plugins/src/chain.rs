@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mailroom_smtp::{ForwardPath, MailParams, RcptParams, ReversePath};
+use mailroom_smtp::{ForwardPath, RcptParams};
 
 use crate::{Hook, MessageEdits, Plugin, SessionInfo, Transaction, Verdict};
 
@@ -80,16 +80,32 @@ impl PluginChain {
         Verdict::Continue
     }
 
-    /// Runs the mail hook.
-    pub async fn mail(&self, s: &SessionInfo, from: &ReversePath, params: &MailParams) -> Verdict {
+    /// Runs the mail hook for a new transaction.
+    pub async fn mail(&self, s: &SessionInfo, tx: &Transaction) -> Verdict {
         for p in &self.plugins {
-            if let Some((v, _)) =
-                Self::decided(p.mail(s, from, params).await, p.as_ref(), Hook::Mail)
-            {
+            if let Some((v, _)) = Self::decided(p.mail(s, tx).await, p.as_ref(), Hook::Mail) {
                 return v;
             }
         }
         Verdict::Continue
+    }
+
+    /// The longest greeting delay any plugin asks for.
+    pub fn greeting_delay(&self, s: &SessionInfo) -> std::time::Duration {
+        self.plugins
+            .iter()
+            .map(|p| p.greeting_delay(s))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// The longest reply delay any plugin asks for.
+    pub fn reply_delay(&self, s: &SessionInfo) -> std::time::Duration {
+        self.plugins
+            .iter()
+            .map(|p| p.reply_delay(s))
+            .max()
+            .unwrap_or_default()
     }
 
     /// Runs the rcpt hook.
@@ -110,7 +126,8 @@ impl PluginChain {
         Verdict::Continue
     }
 
-    /// Runs the data hook; edits of every plugin that ran are kept in `edits`.
+    /// Runs the data hook; edits of every plugin that ran are kept in `edits`, and the
+    /// authentication results they recorded become one `Authentication-Results:` field.
     pub async fn data(
         &self,
         s: &SessionInfo,
@@ -118,14 +135,17 @@ impl PluginChain {
         body: &[u8],
         edits: &mut MessageEdits,
     ) -> Verdict {
+        let mut verdict = Verdict::Continue;
         for p in &self.plugins {
             if let Some((v, _)) =
                 Self::decided(p.data(s, tx, body, edits).await, p.as_ref(), Hook::Data)
             {
-                return v;
+                verdict = v;
+                break;
             }
         }
-        Verdict::Continue
+        edits.finish_auth_results(&s.hostname);
+        verdict
     }
 
     /// Tells every plugin that the message was queued.

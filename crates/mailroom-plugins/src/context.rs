@@ -5,6 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use mailroom_smtp::{ForwardPath, MailParams, RcptParams, ReversePath};
 
+use crate::Notes;
+
 /// Facts about the connection, kept by the server and shown to every hook.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -26,6 +28,8 @@ pub struct SessionInfo {
     pub auth_user: Option<String>,
     /// Whether the listener is a submission listener.
     pub submission: bool,
+    /// What plugins noted about this connection (kept across STARTTLS and transactions).
+    pub notes: Notes,
 }
 
 impl SessionInfo {
@@ -44,6 +48,8 @@ pub struct Transaction {
     pub mail_params: MailParams,
     /// Accepted recipients so far.
     pub recipients: Vec<(ForwardPath, RcptParams)>,
+    /// What plugins noted about this transaction.
+    pub notes: Notes,
 }
 
 impl Transaction {
@@ -53,6 +59,7 @@ impl Transaction {
             sender,
             mail_params,
             recipients: Vec::new(),
+            notes: Notes::default(),
         }
     }
 }
@@ -66,6 +73,12 @@ pub struct MessageEdits {
     /// Names of header fields to remove from the message (every occurrence, case-insensitive),
     /// before `add_headers` are prepended.
     pub remove_headers: Vec<String>,
+    /// Authentication results (RFC 8601 `resinfo`, such as `spf=pass smtp.mailfrom=a.example`)
+    /// that the chain writes as one `Authentication-Results:` field when the data hook ends.
+    pub auth_results: Vec<String>,
+    /// When set, `Authentication-Results:` fields already in the message that claim this
+    /// authserv-id (ours) are removed: only we may speak for our host name (RFC 8601 §5).
+    pub strip_auth_results_of: Option<String>,
 }
 
 impl MessageEdits {
@@ -79,9 +92,57 @@ impl MessageEdits {
         self.add_headers.push((name.into(), value));
     }
 
+    /// Records one authentication result (`method=result property=value ...`) for the
+    /// `Authentication-Results:` field. CR and LF are replaced by spaces.
+    pub fn add_auth_result(&mut self, resinfo: impl Into<String>) {
+        let resinfo: String = resinfo
+            .into()
+            .chars()
+            .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+            .collect();
+        self.auth_results.push(resinfo);
+    }
+
+    /// Turns the recorded results into one `Authentication-Results: <authserv_id>; ...` field
+    /// (folded, a result per line) and removes forged fields that claim `authserv_id`. Does
+    /// nothing when no plugin recorded a result.
+    pub fn finish_auth_results(&mut self, authserv_id: &str) {
+        if self.auth_results.is_empty() {
+            return;
+        }
+        let value = std::iter::once(authserv_id.to_owned())
+            .chain(self.auth_results.drain(..))
+            .collect::<Vec<_>>()
+            .join(";\r\n\t");
+        self.add_headers
+            .push(("Authentication-Results".to_owned(), value));
+        self.strip_auth_results_of = Some(authserv_id.to_owned());
+    }
+
     /// Requests that every `name:` field be removed from the message's header section.
     pub fn remove_header(&mut self, name: impl Into<String>) {
         self.remove_headers.push(name.into());
+    }
+
+    /// Whether a field is an `Authentication-Results:` whose authserv-id (the first word of
+    /// its value, up to `;`) is ours.
+    fn forged_auth_results(&self, name: &[u8], value: &[u8]) -> bool {
+        let Some(ours) = &self.strip_auth_results_of else {
+            return false;
+        };
+        if !name.eq_ignore_ascii_case(b"Authentication-Results") {
+            return false;
+        }
+        let id_end = value.iter().position(|&b| b == b';').unwrap_or(value.len());
+        value[..id_end]
+            .split(|b| b.is_ascii_whitespace())
+            .find(|w| !w.is_empty())
+            .is_some_and(|id| id.eq_ignore_ascii_case(ours.as_bytes()))
+    }
+
+    /// Whether applying the edits changes the existing header section (removals).
+    pub fn removes_any(&self) -> bool {
+        !self.remove_headers.is_empty() || self.strip_auth_results_of.is_some()
     }
 
     /// `message` without the header fields named in `remove_headers` (each with its
@@ -111,6 +172,7 @@ impl MessageEdits {
                         self.remove_headers
                             .iter()
                             .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                            || self.forged_auth_results(name, &content[colon + 1..])
                     });
             }
             if !dropping {
@@ -125,6 +187,33 @@ impl MessageEdits {
 #[cfg(test)]
 mod tests {
     use super::MessageEdits;
+
+    #[test]
+    fn one_folded_authentication_results_field_and_forged_ones_removed() {
+        let mut edits = MessageEdits::default();
+        edits.finish_auth_results("mx.test");
+        assert!(
+            edits.add_headers.is_empty() && !edits.removes_any(),
+            "nothing recorded"
+        );
+        edits.add_auth_result("spf=pass smtp.mailfrom=a.example");
+        edits.add_auth_result("dkim=fail\r\n header.d=a.example");
+        edits.finish_auth_results("mx.test");
+        assert_eq!(
+            edits.add_headers,
+            [(
+                "Authentication-Results".to_owned(),
+                "mx.test;\r\n\tspf=pass smtp.mailfrom=a.example;\r\n\tdkim=fail   header.d=a.example"
+                    .to_owned()
+            )]
+        );
+        let message = b"Authentication-Results: MX.test; spf=pass\r\n  smtp.mailfrom=forged\r\nAuthentication-Results: other.example; dkim=pass\r\nSubject: s\r\n\r\nbody\r\n";
+        assert_eq!(
+            edits.strip_removed(message),
+            b"Authentication-Results: other.example; dkim=pass\r\nSubject: s\r\n\r\nbody\r\n"
+                .to_vec()
+        );
+    }
 
     #[test]
     fn removal_drops_every_occurrence_with_its_folded_lines_and_never_touches_the_body() {

@@ -11,6 +11,8 @@
 
 mod chain;
 mod context;
+pub mod dns;
+mod notes;
 mod pattern;
 mod registry;
 mod verdict;
@@ -19,12 +21,13 @@ pub mod builtin;
 
 pub use chain::PluginChain;
 pub use context::{MessageEdits, SessionInfo, Transaction};
+pub use notes::Notes;
 pub use pattern::{AddressPattern, PatternError};
-pub use registry::{BuildContext, PluginError, build_chain};
+pub use registry::{BuildContext, Env, PluginError, SharedBackend, build_chain};
 pub use verdict::{Hook, Verdict};
 
 use async_trait::async_trait;
-use mailroom_smtp::{ForwardPath, MailParams, RcptParams, ReversePath};
+use mailroom_smtp::{ForwardPath, RcptParams};
 
 /// One inbound plugin. Every hook has a default that continues, so a plugin implements only the
 /// hooks it needs. Plugins are shared by all sessions of a listener: per-session state lives in
@@ -39,18 +42,26 @@ pub trait Plugin: Send + Sync {
         Verdict::Continue
     }
 
+    /// How long the server waits before its greeting (after the connect hook). A client that
+    /// talks during the wait is refused with 554 5.5.1 and disconnected (`earlyTalker`).
+    fn greeting_delay(&self, _session: &SessionInfo) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
+    /// How long the server waits before it sends its replies to each command (`tarpit`). Asked
+    /// before every flush of replies, so notes other plugins took later count.
+    fn reply_delay(&self, _session: &SessionInfo) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// The client said EHLO/HELO with `name`.
     async fn helo(&self, _session: &SessionInfo, _name: &str) -> Verdict {
         Verdict::Continue
     }
 
-    /// `MAIL FROM` passed the server's own checks.
-    async fn mail(
-        &self,
-        _session: &SessionInfo,
-        _from: &ReversePath,
-        _params: &MailParams,
-    ) -> Verdict {
+    /// `MAIL FROM` passed the server's own checks. `tx` is the new transaction (sender and
+    /// parameters, no recipients yet); it is dropped if the verdict refuses it.
+    async fn mail(&self, _session: &SessionInfo, _tx: &Transaction) -> Verdict {
         Verdict::Continue
     }
 

@@ -47,6 +47,7 @@ fn info() -> SessionInfo {
         tls: false,
         auth_user: None,
         submission: false,
+        notes: Default::default(),
     }
 }
 

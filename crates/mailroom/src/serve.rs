@@ -156,6 +156,14 @@ async fn serve(config: Config, roles: Roles) -> anyhow::Result<()> {
         queue: Arc::clone(&queue),
         delivery_log,
         hostname: config.effective_hostname(),
+        shared: match (&jetstream, &config.queue.jetstream) {
+            (Some(js), Some(spec)) => Some(mailroom_plugins::SharedBackend {
+                jetstream: js.clone(),
+                stream: spec.stream.clone(),
+                replicas: usize::from(spec.replicas),
+            }),
+            _ => None,
+        },
     };
     let mut workers = Vec::new();
     if let Some(only) = &roles.workers {

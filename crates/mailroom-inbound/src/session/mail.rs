@@ -56,11 +56,12 @@ impl<S: SmtpStream> Session<S> {
             ));
             return Flow::Continue;
         }
-        let verdict = self.ctx.plugins.mail(&self.info, &from, &params).await;
+        let tx = Transaction::new(from, params);
+        let verdict = self.ctx.plugins.mail(&self.info, &tx).await;
         if let Some(flow) = self.refused(verdict) {
             return flow;
         }
-        self.tx = Some(Transaction::new(from, params));
+        self.tx = Some(tx);
         self.send_ok(reply(250, (2, 1, 0), "Ok"));
         Flow::Continue
     }

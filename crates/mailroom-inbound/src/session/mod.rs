@@ -126,6 +126,9 @@ impl<S: SmtpStream> Session<S> {
                     return Ended::Closed("plugin");
                 }
                 Verdict::Continue | Verdict::Accept => {
+                    if let Some(why) = self.wait_before_greeting().await {
+                        return Ended::Closed(why);
+                    }
                     let banner = Reply {
                         code: 220,
                         enhanced: None,
@@ -169,6 +172,42 @@ impl<S: SmtpStream> Session<S> {
         Ended::Closed(end)
     }
 
+    /// Holds the greeting back as long as a plugin asks (`earlyTalker`). A client that sends
+    /// anything meanwhile is not waiting for the greeting as RFC 5321 §3.1 requires (the mark
+    /// of spam software): it gets 554 5.5.1 and the connection closes. Returns why the session
+    /// ended, or None to greet.
+    async fn wait_before_greeting(&mut self) -> Option<&'static str> {
+        let delay = self.ctx.plugins.greeting_delay(&self.info);
+        if delay.is_zero() {
+            return None;
+        }
+        let talked = if self.conn.rbuf.is_empty() {
+            match tokio::time::timeout(delay, self.conn.fill(COMMAND_READ)).await {
+                Err(_) => false,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some("eof"),
+                Ok(Ok(_)) => true,
+            }
+        } else {
+            true
+        };
+        if !talked {
+            return None;
+        }
+        metrics::CONNECTIONS
+            .with_label_values(&[&self.ctx.name, "early_talker"])
+            .inc();
+        self.send_ok(reply(
+            554,
+            (5, 5, 1),
+            format!(
+                "{} Protocol error: you talked before my greeting",
+                self.ctx.hostname
+            ),
+        ));
+        let _ = self.conn.flush().await;
+        Some("early_talker")
+    }
+
     /// Waits for one command line. Replies are flushed before waiting (RFC 2920 §3.1). On
     /// timeout or shutdown the 421 reply is queued and the session is told to close.
     pub(crate) async fn next_line(&mut self, timeout: Duration) -> Input {
@@ -203,6 +242,12 @@ impl<S: SmtpStream> Session<S> {
                         }
                         continue;
                     }
+                }
+            }
+            if self.conn.has_output() {
+                let delay = self.ctx.plugins.reply_delay(&self.info);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
                 }
             }
             if let Err(_e) = self.conn.flush().await {

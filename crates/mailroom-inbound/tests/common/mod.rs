@@ -53,6 +53,7 @@ pub async fn serve(
         queue,
         delivery_log: DeliveryLog::discard(),
         hostname: "mx.test".into(),
+        shared: None,
     };
     let listener = Listener::bind(&spec, "listeners[0]", &deps)
         .await

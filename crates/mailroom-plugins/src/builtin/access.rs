@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use ipnet::IpNet;
 use mailroom_config::AccessPluginSpec;
-use mailroom_smtp::{ForwardPath, MailParams, RcptParams, ReversePath};
+use mailroom_smtp::{ForwardPath, RcptParams, ReversePath};
 
 use crate::{AddressPattern, Plugin, PluginError, SessionInfo, Transaction, Verdict};
 
@@ -71,8 +71,8 @@ impl Plugin for AccessPlugin {
         Verdict::Continue
     }
 
-    async fn mail(&self, s: &SessionInfo, from: &ReversePath, _params: &MailParams) -> Verdict {
-        let ReversePath::Mailbox(m) = from else {
+    async fn mail(&self, s: &SessionInfo, tx: &Transaction) -> Verdict {
+        let ReversePath::Mailbox(m) = &tx.sender else {
             return Verdict::Continue;
         };
         let addr = format!("{}@{}", m.local, m.domain);

@@ -11,6 +11,18 @@ use serde::{Deserialize, Serialize};
 use crate::schema;
 use crate::{ByteSize, HumanDuration};
 
+mod auth;
+mod dns;
+mod session;
+mod shared;
+
+pub use auth::{ArcVerifyPluginSpec, DkimVerifyPluginSpec, DmarcPluginSpec, SpfPluginSpec};
+pub use dns::{DnsblPluginSpec, DnswlPluginSpec, HeloPluginSpec, IprevPluginSpec};
+pub use session::{
+    EarlyTalkerPluginSpec, RecipientsPluginSpec, TarpitPluginSpec, WebhookPluginSpec,
+};
+pub use shared::{GreylistPluginSpec, RateLimitPluginSpec};
+
 /// One entry of a plugin chain. Set exactly one field; its name is the plugin kind. A kind
 /// written without settings (`- headers:`) uses its defaults.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -37,11 +49,127 @@ pub struct PluginSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub rspamd: Option<RspamdPluginSpec>,
+    /// Looks the client up in DNS blocklists (zones with weights); rejects or tags.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dnsbl: Option<DnsblPluginSpec>,
+    /// Looks the client up in DNS allowlists; a listed client skips the checks after it.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dnswl: Option<DnswlPluginSpec>,
+    /// Checks forward-confirmed reverse DNS of the client (RFC 8601 `iprev`).
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub iprev: Option<IprevPluginSpec>,
+    /// Checks the HELO/EHLO name: a fully qualified domain, matching the reverse DNS, not ours.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub helo: Option<HeloPluginSpec>,
+    /// Checks the sender with SPF (RFC 7208) and acts on the result.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub spf: Option<SpfPluginSpec>,
+    /// Verifies DKIM signatures (RFC 6376) and acts on the result.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dkim_verify: Option<DkimVerifyPluginSpec>,
+    /// Evaluates DMARC (RFC 7489) and applies the sender domain's policy.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub dmarc: Option<DmarcPluginSpec>,
+    /// Verifies the ARC chain (RFC 8617).
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub arc_verify: Option<ArcVerifyPluginSpec>,
+    /// Limits connections, messages and recipients per client, sender and user per window, across pods.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub rate_limit: Option<RateLimitPluginSpec>,
+    /// Greylists unknown (client, sender, recipient) triplets, across pods.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub greylist: Option<GreylistPluginSpec>,
+    /// Refuses clients that talk before the greeting.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub early_talker: Option<EarlyTalkerPluginSpec>,
+    /// Delays the replies to suspicious clients.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub tarpit: Option<TarpitPluginSpec>,
+    /// Accepts only known recipients (a list, a file or an HTTP lookup), with aliases and catch-all.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub recipients: Option<RecipientsPluginSpec>,
+    /// Asks an HTTP(S) policy service at the chosen hooks.
+    #[serde(
+        default,
+        deserialize_with = "schema::present_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub webhook: Option<WebhookPluginSpec>,
 }
 
 impl PluginSpec {
     /// Every plugin kind, as spelled in the configuration.
-    pub const KINDS: &'static [&'static str] = &["access", "headers", "rspamd"];
+    pub const KINDS: &'static [&'static str] = &[
+        "access",
+        "headers",
+        "rspamd",
+        "dnsbl",
+        "dnswl",
+        "iprev",
+        "helo",
+        "spf",
+        "dkimVerify",
+        "dmarc",
+        "arcVerify",
+        "rateLimit",
+        "greylist",
+        "earlyTalker",
+        "tarpit",
+        "recipients",
+        "webhook",
+    ];
 
     /// The kind of this entry (`"access"`, `"headers"`), or `None` unless exactly one field is
     /// set.
@@ -74,11 +202,39 @@ impl PluginSpec {
             access,
             headers,
             rspamd,
+            dnsbl,
+            dnswl,
+            iprev,
+            helo,
+            spf,
+            dkim_verify,
+            dmarc,
+            arc_verify,
+            rate_limit,
+            greylist,
+            early_talker,
+            tarpit,
+            recipients,
+            webhook,
         } = self; // a new field fails to compile here: add it below
         [
             ("access", access.is_some()),
             ("headers", headers.is_some()),
             ("rspamd", rspamd.is_some()),
+            ("dnsbl", dnsbl.is_some()),
+            ("dnswl", dnswl.is_some()),
+            ("iprev", iprev.is_some()),
+            ("helo", helo.is_some()),
+            ("spf", spf.is_some()),
+            ("dkimVerify", dkim_verify.is_some()),
+            ("dmarc", dmarc.is_some()),
+            ("arcVerify", arc_verify.is_some()),
+            ("rateLimit", rate_limit.is_some()),
+            ("greylist", greylist.is_some()),
+            ("earlyTalker", early_talker.is_some()),
+            ("tarpit", tarpit.is_some()),
+            ("recipients", recipients.is_some()),
+            ("webhook", webhook.is_some()),
         ]
         .into_iter()
         .filter_map(|(kind, set)| set.then_some(kind))
