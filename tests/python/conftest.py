@@ -12,6 +12,7 @@ teardown (SIGTERM, then SIGKILL after a timeout).
 from __future__ import annotations
 
 import json
+import ipaddress
 import os
 import re
 import shutil
@@ -606,7 +607,8 @@ def mailroom(mailroom_factory) -> MailroomServer:
 
 
 def dns_query(port: int, name: str, qtype: int, host: str = "127.0.0.1", timeout: float = 1.0) -> tuple[int, int]:
-    """One DNS question over UDP: (RCODE, number of answer records). qtype: 1 A, 15 MX, 28 AAAA."""
+    """One DNS question over UDP: (RCODE, number of answer records). qtype: 1 A, 12 PTR, 15 MX,
+    16 TXT, 28 AAAA."""
     import random
     import struct
 
@@ -628,10 +630,14 @@ class Dnsmasq:
     (no upstream, no /etc/hosts; names under `local` domains that it does not know are NXDOMAIN).
 
     mx: {domain: [(preference, host), ...]}; hosts: {name: "ip" or ["ip", ...]} (A/AAAA);
-    null_mx: [domain, ...] (RFC 7505 `MX 0 .`, written as a raw record since --mx-host cannot)."""
+    null_mx: [domain, ...] (RFC 7505 `MX 0 .`, written as a raw record since --mx-host cannot);
+    txt: {name: "text" or ["text", ...]} (one TXT record per text; texts over 255 bytes are split
+    into strings of 255, which readers join); ptr: {"ip": "host"} (reverse names are derived,
+    and answered only from these records)."""
 
     def __init__(self, workdir: Path, mx: dict | None = None, hosts: dict | None = None,
-                 null_mx: list | None = None, local: tuple = ("test",)):
+                 null_mx: list | None = None, local: tuple = ("test",), txt: dict | None = None,
+                 ptr: dict | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = self.dir / "dnsmasq.log"
@@ -639,7 +645,9 @@ class Dnsmasq:
         self.mx = mx or {}
         self.hosts = hosts or {}
         self.null_mx = null_mx or []
-        self.local = local
+        self.txt = txt or {}
+        self.ptr = ptr or {}
+        self.local = tuple(local) + (("in-addr.arpa", "ip6.arpa") if self.ptr else ())
         self.port = 0
         self.proc: subprocess.Popen | None = None
 
@@ -670,6 +678,12 @@ class Dnsmasq:
                 a.append(f"--host-record={name},{ip}")
         # MX RDATA: preference 0 (00 00), exchange the root name (00).
         a += [f"--dns-rr={domain},15,000000" for domain in self.null_mx]
+        for name, texts in self.txt.items():
+            for text in [texts] if isinstance(texts, str) else texts:
+                parts = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
+                a.append(f"--txt-record={name}," + ",".join(f'"{p}"' for p in parts))
+        for ip, host in self.ptr.items():
+            a.append(f"--ptr-record={ipaddress.ip_address(ip).reverse_pointer},{host}")
         return a
 
     def start(self, timeout: float = 10.0):
@@ -703,6 +717,15 @@ class Dnsmasq:
         for name in self.hosts:
             rcode, an = dns_query(self.port, name, 1)
             assert rcode == 0, f"dnsmasq A {name}: rcode {rcode}"
+        for name, texts in self.txt.items():
+            texts = [texts] if isinstance(texts, str) else texts
+            rcode, an = dns_query(self.port, name, 16)
+            # A long answer comes back truncated over UDP (readers retry over TCP): rcode only.
+            long = sum(len(t) for t in texts) > 400
+            assert rcode == 0 and (long or an == len(texts)), f"dnsmasq TXT {name}: {rcode} {an}"
+        for ip in self.ptr:
+            name = ipaddress.ip_address(ip).reverse_pointer
+            assert dns_query(self.port, name, 12) == (0, 1), f"dnsmasq PTR {name}"
 
     def log_text(self) -> str:
         try:
