@@ -76,6 +76,10 @@ pub struct MessageEdits {
     /// Authentication results (RFC 8601 `resinfo`, such as `spf=pass smtp.mailfrom=a.example`)
     /// that the chain writes as one `Authentication-Results:` field when the data hook ends.
     pub auth_results: Vec<String>,
+    /// Envelope recipients to replace, as `(address as received, new addresses)`: aliases.
+    /// The server queues the new addresses instead (each once), with the original's DSN
+    /// parameters.
+    pub recipient_rewrites: Vec<(String, Vec<String>)>,
     /// When set, `Authentication-Results:` fields already in the message that claim this
     /// authserv-id (ours) are removed: only we may speak for our host name (RFC 8601 §5).
     pub strip_auth_results_of: Option<String>,
@@ -90,6 +94,11 @@ impl MessageEdits {
             .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
             .collect();
         self.add_headers.push((name.into(), value));
+    }
+
+    /// Replaces the envelope recipient `address` (as received) by `targets` (an alias).
+    pub fn rewrite_recipient(&mut self, address: impl Into<String>, targets: Vec<String>) {
+        self.recipient_rewrites.push((address.into(), targets));
     }
 
     /// Records one authentication result (`method=result property=value ...`) for the

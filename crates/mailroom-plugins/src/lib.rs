@@ -15,13 +15,14 @@ pub mod dns;
 mod notes;
 mod pattern;
 mod registry;
+pub mod shared;
 mod verdict;
 
 pub mod builtin;
 
 pub use chain::PluginChain;
 pub use context::{MessageEdits, SessionInfo, Transaction};
-pub use notes::Notes;
+pub use notes::{Notes, Suspicion, Trusted};
 pub use pattern::{AddressPattern, PatternError};
 pub use registry::{BuildContext, Env, PluginError, SharedBackend, build_chain};
 pub use verdict::{Hook, Verdict};

@@ -58,6 +58,30 @@ impl Notes {
     }
 }
 
+/// Connection note: a plugin vouches for the client (`dnswl` listing, an allow list). The
+/// checks that judge clients (`dnsbl`, `iprev`, `helo`, `greylist`, `tarpit`, `earlyTalker`)
+/// skip a trusted client; results are still recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trusted {
+    /// Who vouched, e.g. `dnswl list.dnswl.test`.
+    pub by: String,
+}
+
+/// Connection note: why plugins in tagging mode found the client suspicious (`dnsbl
+/// bl.example listed`, `iprev fail`). `tarpit` slows suspicious clients down.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Suspicion {
+    /// One line per finding.
+    pub reasons: Vec<String>,
+}
+
+impl Suspicion {
+    /// Adds a finding to the connection's notes.
+    pub fn add(notes: &Notes, reason: impl Into<String>) {
+        notes.update(|s: &mut Suspicion| s.reasons.push(reason.into()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Notes;

@@ -219,10 +219,12 @@ impl<S: SmtpStream> Session<S> {
             ReversePath::Null => String::new(),
             ReversePath::Mailbox(m) => m.to_string(),
         };
+        // An address given twice, or reached through two aliases, is queued once.
+        let mut seen = std::collections::HashSet::new();
         let recipients: Vec<Recipient> = tx
             .recipients
             .iter()
-            .map(|(to, p)| {
+            .flat_map(|(to, p)| {
                 let (address, domain) = match to {
                     ForwardPath::Postmaster => (
                         format!("postmaster@{}", self.ctx.hostname),
@@ -232,13 +234,28 @@ impl<S: SmtpStream> Session<S> {
                         (m.to_string(), m.domain.trim_end_matches('.').to_lowercase())
                     }
                 };
-                Recipient {
+                let rewritten = edits
+                    .recipient_rewrites
+                    .iter()
+                    .find(|(from, _)| from.eq_ignore_ascii_case(&address));
+                let addresses = match rewritten {
+                    Some((_, targets)) => targets
+                        .iter()
+                        .map(|t| {
+                            let domain = t.rsplit_once('@').map_or("", |(_, d)| d);
+                            (t.clone(), domain.trim_end_matches('.').to_lowercase())
+                        })
+                        .collect(),
+                    None => vec![(address, domain)],
+                };
+                addresses.into_iter().map(|(address, domain)| Recipient {
                     address,
                     domain,
                     notify: p.notify,
                     orcpt: p.orcpt.clone(),
-                }
+                })
             })
+            .filter(|r| seen.insert(r.address.to_ascii_lowercase()))
             .collect();
         let size = message.len() as u64;
         let envelope = Envelope {
