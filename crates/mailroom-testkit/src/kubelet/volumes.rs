@@ -320,6 +320,34 @@ fn select(
     }
 }
 
+/// The object `ns/name`, `None` when it is missing and the volume says `optional`.
+async fn fetch<K>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<K>, VolumeError>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + k8s_openapi::serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let what = K::kind(&()).to_lowercase();
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api
+        .get_opt(name)
+        .await
+        .map_err(|e| VolumeError::Retry(format!("get {what} {ns}/{name}: {e}")))?
+    {
+        Some(object) => Ok(Some(object)),
+        None if optional => Ok(None),
+        None => Err(VolumeError::Retry(format!(
+            "{what} \"{name}\" not found in namespace {ns}"
+        ))),
+    }
+}
+
 async fn config_map_files(
     client: &Client,
     ns: &str,
@@ -327,19 +355,8 @@ async fn config_map_files(
     items: Option<&[KeyToPath]>,
     optional: bool,
 ) -> Result<Vec<File>, VolumeError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let Some(cm) = api
-        .get_opt(name)
-        .await
-        .map_err(|e| VolumeError::Retry(format!("get configmap {ns}/{name}: {e}")))?
-    else {
-        return if optional {
-            Ok(Vec::new())
-        } else {
-            Err(VolumeError::Retry(format!(
-                "configmap \"{name}\" not found in namespace {ns}"
-            )))
-        };
+    let Some(cm) = fetch::<ConfigMap>(client, ns, name, optional).await? else {
+        return Ok(Vec::new());
     };
     let mut all: BTreeMap<String, Vec<u8>> = cm
         .data
@@ -360,19 +377,8 @@ async fn secret_files(
     items: Option<&[KeyToPath]>,
     optional: bool,
 ) -> Result<Vec<File>, VolumeError> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let Some(secret) = api
-        .get_opt(name)
-        .await
-        .map_err(|e| VolumeError::Retry(format!("get secret {ns}/{name}: {e}")))?
-    else {
-        return if optional {
-            Ok(Vec::new())
-        } else {
-            Err(VolumeError::Retry(format!(
-                "secret \"{name}\" not found in namespace {ns}"
-            )))
-        };
+    let Some(secret) = fetch::<Secret>(client, ns, name, optional).await? else {
+        return Ok(Vec::new());
     };
     let mut all: BTreeMap<String, Vec<u8>> = secret
         .data
