@@ -680,8 +680,11 @@ class Dnsmasq:
         a += [f"--dns-rr={domain},15,000000" for domain in self.null_mx]
         for name, texts in self.txt.items():
             for text in [texts] if isinstance(texts, str) else texts:
-                parts = [text[i:i + 255] for i in range(0, len(text), 255)] or [""]
-                a.append(f"--txt-record={name}," + ",".join(f'"{p}"' for p in parts))
+                # Raw RDATA (type 16): --txt-record would keep quotes and split at commas.
+                data = text.encode()
+                parts = [data[i:i + 255] for i in range(0, len(data), 255)] or [b""]
+                rdata = b"".join(bytes([len(p)]) + p for p in parts)
+                a.append(f"--dns-rr={name},16,{rdata.hex()}")
         for ip, host in self.ptr.items():
             a.append(f"--ptr-record={ipaddress.ip_address(ip).reverse_pointer},{host}")
         return a

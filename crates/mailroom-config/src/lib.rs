@@ -27,10 +27,13 @@ pub use limits::{Limits, Timeouts};
 pub use listener::{AuthMechanism, AuthSpec, DnsSpec, ListenerMode, ListenerSpec, TlsSpec};
 pub use load::{ConfigError, Problem, load_file, load_str, parse};
 pub use plugins::{
-    AccessPluginSpec, ArcVerifyPluginSpec, DkimVerifyPluginSpec, DmarcPluginSpec, DnsblPluginSpec,
-    DnswlPluginSpec, EarlyTalkerPluginSpec, FailMode, GreylistPluginSpec, HeadersPluginSpec,
-    HeloPluginSpec, IprevPluginSpec, PluginSpec, RateLimitPluginSpec, RecipientsPluginSpec,
-    RspamdPluginSpec, Sidecar, SidecarSpec, SpfPluginSpec, TarpitPluginSpec, WebhookPluginSpec,
+    AccessPluginSpec, ArcVerifyPluginSpec, AuthAction, CatchAllSpec, DkimVerifyPluginSpec,
+    DmarcPluginSpec, DnsZoneSpec, DnsblAction, DnsblPluginSpec, DnsblRejectAt, DnswlPluginSpec,
+    EarlyTalkerPluginSpec, FailMode, GreylistPluginSpec, HeadersPluginSpec, HeloCheckMode,
+    HeloPluginSpec, HttpHeaderSpec, IprevOnFail, IprevPluginSpec, PluginSpec, RateLimitCount,
+    RateLimitKey, RateLimitPluginSpec, RateLimitSpec, RateWindow, RecipientAliasSpec,
+    RecipientsHttpSpec, RecipientsPluginSpec, RspamdPluginSpec, Sidecar, SidecarSpec,
+    SpfPluginSpec, TarpitPluginSpec, WebhookHook, WebhookPluginSpec,
 };
 pub use policy::{
     BounceSpec, ClientTimeouts, DeliveryPolicySpec, DestinationSpec, DkimAlgorithm, DkimSpec,

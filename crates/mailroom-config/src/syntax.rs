@@ -136,9 +136,12 @@ fn check_glob(pattern: &str, what: &str, forms: &str) -> Result<(), String> {
 /// An `http://host:port[/path]` URL of a plugin's service (plain HTTP: the service runs beside
 /// the server, in the pod or on loopback). The port may be left out (80).
 pub fn check_http_url(url: &str) -> Result<(), String> {
-    let Some(rest) = url.strip_prefix("http://") else {
+    let Some(rest) = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+    else {
         return Err(format!(
-            "{url:?}: expected an http:// URL such as http://127.0.0.1:11333"
+            "{url:?}: expected an http:// or https:// URL such as http://127.0.0.1:11333"
         ));
     };
     let authority = rest.split('/').next().unwrap_or_default();
@@ -251,11 +254,13 @@ mod tests {
             "http://rspamd",
             "http://[::1]:11333/",
             "http://h:80/x",
+            "https://policy.example:8443/check",
         ] {
             assert_eq!(check_http_url(ok), Ok(()), "{ok}");
         }
         for bad in [
-            "https://h",
+            "ftp://h",
+            "https://",
             "127.0.0.1:11333",
             "http://",
             "http://h:0",

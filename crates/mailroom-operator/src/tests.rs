@@ -466,6 +466,7 @@ fn crd_formats_are_ones_the_apiserver_knows() {
         "date",
         "date-time",
         "password",
+        "ipv4",
     ];
     let yaml = crate::generate::all_yaml().expect("yaml");
     for line in yaml.lines() {

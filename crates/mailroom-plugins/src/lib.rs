@@ -12,6 +12,7 @@
 mod chain;
 mod context;
 pub mod dns;
+pub mod http;
 mod notes;
 mod pattern;
 mod registry;

@@ -185,7 +185,7 @@ fn build_one(spec: &PluginSpec, entry: &str, env: &Env) -> Result<Arc<dyn Plugin
     } else if let Some(s) = headers {
         Arc::new(builtin::HeadersPlugin::new(s, &env.ctx.hostname))
     } else if let Some(s) = rspamd {
-        Arc::new(builtin::RspamdPlugin::new(s))
+        Arc::new(builtin::RspamdPlugin::new(s, at)?)
     } else if let Some(s) = dnsbl {
         Arc::new(builtin::DnsblPlugin::new(s, at, env)?)
     } else if let Some(s) = dnswl {

@@ -16,12 +16,21 @@ mod dns;
 mod session;
 mod shared;
 
-pub use auth::{ArcVerifyPluginSpec, DkimVerifyPluginSpec, DmarcPluginSpec, SpfPluginSpec};
-pub use dns::{DnsblPluginSpec, DnswlPluginSpec, HeloPluginSpec, IprevPluginSpec};
-pub use session::{
-    EarlyTalkerPluginSpec, RecipientsPluginSpec, TarpitPluginSpec, WebhookPluginSpec,
+pub use auth::{
+    ArcVerifyPluginSpec, AuthAction, DkimVerifyPluginSpec, DmarcPluginSpec, SpfPluginSpec,
 };
-pub use shared::{GreylistPluginSpec, RateLimitPluginSpec};
+pub use dns::{
+    DnsZoneSpec, DnsblAction, DnsblPluginSpec, DnsblRejectAt, DnswlPluginSpec, HeloCheckMode,
+    HeloPluginSpec, IprevOnFail, IprevPluginSpec,
+};
+pub use session::{
+    CatchAllSpec, EarlyTalkerPluginSpec, HttpHeaderSpec, RecipientAliasSpec, RecipientsHttpSpec,
+    RecipientsPluginSpec, TarpitPluginSpec, WebhookHook, WebhookPluginSpec,
+};
+pub use shared::{
+    GreylistPluginSpec, RateLimitCount, RateLimitKey, RateLimitPluginSpec, RateLimitSpec,
+    RateWindow,
+};
 
 /// One entry of a plugin chain. Set exactly one field; its name is the plugin kind. A kind
 /// written without settings (`- headers:`) uses its defaults.

@@ -15,13 +15,16 @@ mod tarpit;
 mod webhook;
 
 pub use access::AccessPlugin;
-pub use auth::{ArcVerifyPlugin, DkimVerifyPlugin, DmarcPlugin, SpfPlugin};
+pub use auth::{
+    ArcVerifyPlugin, DkimNote, DkimSignatureResult, DkimVerifyPlugin, DmarcPlugin, SpfIdentity,
+    SpfNote, SpfPlugin,
+};
 pub use dnsbl::{DnsblPlugin, DnswlPlugin};
 pub use early_talker::EarlyTalkerPlugin;
 pub use greylist::GreylistPlugin;
 pub use headers::{HeadersPlugin, has_header, header_value};
 pub use helo::HeloPlugin;
-pub use iprev::IprevPlugin;
+pub use iprev::{Iprev, IprevPlugin, IprevResult};
 pub use rate_limit::RateLimitPlugin;
 pub use recipients::RecipientsPlugin;
 pub use rspamd::RspamdPlugin;

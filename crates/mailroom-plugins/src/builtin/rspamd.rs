@@ -22,19 +22,17 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::Request;
 use hyper::header::{CONTENT_LENGTH, HeaderValue};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use mailroom_config::{FailMode, RspamdPluginSpec};
 use mailroom_smtp::{ForwardPath, ReversePath};
 use mailroom_telemetry::register;
 use prometheus::{IntCounterVec, Opts};
 use serde::Deserialize;
 
-use crate::{MessageEdits, Plugin, SessionInfo, Transaction, Verdict};
+use crate::http::{HttpClient, excerpt, exchange, http_client};
+use crate::{MessageEdits, Plugin, PluginError, SessionInfo, Transaction, Verdict};
 
 /// Scans by outcome: the rspamd action, `skipped` (too large, authenticated) or `error`.
 static SCANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -57,7 +55,7 @@ const MAX_ANSWER: usize = 1 << 20;
 /// The `rspamd` plugin.
 #[derive(Debug)]
 pub struct RspamdPlugin {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
     check_url: String,
     timeout: Duration,
     on_error: FailMode,
@@ -130,22 +128,23 @@ fn reply_text(answer: &Answer, default: &str) -> String {
 }
 
 impl RspamdPlugin {
-    /// Builds the plugin from its spec (validated: `url` is an `http://` URL).
-    pub fn new(spec: &RspamdPluginSpec) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(spec.timeout.as_duration()));
-        Self {
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
+    /// Builds the plugin from its spec (validated: `url` is an `http://` or `https://` URL);
+    /// `path` is the field path of its spec, used in errors.
+    pub fn new(spec: &RspamdPluginSpec, path: &str) -> Result<Self, PluginError> {
+        Ok(Self {
+            client: http_client(spec.timeout.as_duration()).map_err(|reason| {
+                PluginError::Invalid {
+                    path: format!("{path}.url"),
+                    reason,
+                }
+            })?,
             check_url: format!("{}/checkv2", spec.url.trim_end_matches('/')),
             timeout: spec.timeout.as_duration(),
             on_error: spec.on_error,
             max_size: spec.max_size.bytes(),
             scan_authenticated: spec.scan_authenticated,
             add_headers: spec.add_headers,
-        }
+        })
     }
 
     async fn scan(&self, s: &SessionInfo, tx: &Transaction, body: &[u8]) -> Result<Answer, String> {
@@ -175,22 +174,11 @@ impl RspamdPlugin {
         let request = request
             .body(Full::new(Bytes::copy_from_slice(body)))
             .map_err(|e| format!("request: {e}"))?;
-        let response = self
-            .client
-            .request(request)
+        let (status, bytes) = exchange(&self.client, request, MAX_ANSWER)
             .await
             .map_err(|e| format!("{}: {e}", self.check_url))?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the answer: {e}"))?
-            .to_bytes();
         if !status.is_success() {
-            return Err(format!(
-                "HTTP {status}: {}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(200)])
-            ));
+            return Err(format!("HTTP {status}: {}", excerpt(&bytes)));
         }
         serde_json::from_slice(&bytes).map_err(|e| format!("not rspamd's JSON: {e}"))
     }
@@ -304,7 +292,7 @@ mod tests {
     use super::*;
 
     fn plugin() -> RspamdPlugin {
-        RspamdPlugin::new(&RspamdPluginSpec::default())
+        RspamdPlugin::new(&RspamdPluginSpec::default(), "rspamd").expect("client")
     }
 
     fn answer(json: &str) -> Answer {
