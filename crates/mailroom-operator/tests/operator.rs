@@ -517,7 +517,10 @@ spec:
   address: "0.0.0.0:2526"
   acceptedDomains: [example.test]
   limits: { maxRecipients: 1 }
-  plugins: [{ access: { denySenders: [""] } }]
+  plugins:
+    - access: { denySenders: [""] }
+    - dnsbl: { zones: [{ name: "not a zone" }] }
+    - greylist: { delay: 10m, retryWindow: 5m }
 "#,
     );
     let (_, why, message) = eventually("InvalidSpec", WAIT, || async {
@@ -529,6 +532,15 @@ spec:
     assert_eq!(why, reason::INVALID_SPEC);
     assert!(message.contains("spec.limits.maxRecipients"), "{message}");
     assert!(message.contains("spec.plugins[0].access"), "{message}");
+    // The new plugin kinds' own checks name their fields too.
+    assert!(
+        message.contains("spec.plugins[1].dnsbl.zones[0].name"),
+        "{message}"
+    );
+    assert!(
+        message.contains("spec.plugins[2].greylist.retryWindow"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
