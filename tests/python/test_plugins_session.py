@@ -9,6 +9,8 @@ addresses other than 127.0.0.1 come from PROXY v1 headers (`proxyProtocol: true`
 
 import base64
 import json
+import ssl
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -29,8 +31,9 @@ class Service:
     """A threaded HTTP server answering with `answer(request)` -> (status, body, seconds to
     wait first); it records every request (method, path, query, headers by lower-case name, body)."""
 
-    def __init__(self, answer):
+    def __init__(self, answer, tls: dict | None = None):
         self.requests: list[dict] = []
+        self.scheme = "https" if tls else "http"
         service = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,13 +65,17 @@ class Service:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls["cert"], tls["key"])
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.httpd.server_address[1]}"
 
     def stop(self):
         self.httpd.shutdown()
@@ -357,3 +364,41 @@ def test_webhook_failure_follows_on_error(server, local):
     assert rcpt(server, "hookopen", f"{local}@example.test")[0] == 250
     assert server.metric("mailroom_plugin_webhook_requests_total", listener="hookopen", hook="rcpt",
                          outcome="error") >= 1
+
+
+@pytest.fixture(scope="module")
+def service_ca(tmp_path_factory) -> dict:
+    """A CA and a server certificate it signed for 127.0.0.1 (rustls, like browsers, does not
+    accept a self-signed CA certificate as the server's own)."""
+    d = tmp_path_factory.mktemp("service-ca")
+    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"), "-days", "2", "-subj", "/CN=test policy CA")
+    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", str(d / "tls.key"), "-out", str(d / "tls.csr"), "-subj", "/CN=127.0.0.1")
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    run("x509", "-req", "-in", str(d / "tls.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
+        "-CAcreateserial", "-out", str(d / "tls.crt"), "-days", "2", "-extfile", str(d / "ext"))
+    return {"ca": d / "ca.crt", "cert": d / "tls.crt", "key": d / "tls.key"}
+
+
+def test_webhook_over_https_verifies_the_service(mailroom_factory, service_ca, monkeypatch):
+    """An https:// service is asked over TLS and its certificate verified: trusted through
+    SSL_CERT_FILE its answer reaches the client; untrusted, the request fails and onError
+    (tempfail) answers."""
+    service = Service(policy_answer, tls=service_ca)
+    try:
+        hook = {"webhook": {"url": service.url + "/hook", "timeout": "2s", "onError": "tempfail"}}
+        monkeypatch.setenv("SSL_CERT_FILE", str(service_ca["ca"]))
+        trusting = mailroom_factory.make(plugins=[hook])
+        assert rcpt(trusting, "smtp", "reject@example.test") == (554, "5.7.26 Policy says no")
+        assert service.requests, "the service was not asked"
+        asked = len(service.requests)
+        monkeypatch.setenv("SSL_CERT_FILE", "/dev/null")
+        distrusting = mailroom_factory.make(plugins=[hook])
+        code, text = rcpt(distrusting, "smtp", "reject@example.test")
+        assert code == 451 and text.startswith("4.7.1"), (code, text)
+        assert len(service.requests) == asked, "an unverified service got the request"
+    finally:
+        service.stop()
+

@@ -54,7 +54,10 @@ pub async fn exchange(
     request: Request<Full<Bytes>>,
     limit: usize,
 ) -> Result<(StatusCode, Bytes), String> {
-    let response = client.request(request).await.map_err(|e| e.to_string())?;
+    let response = client
+        .request(request)
+        .await
+        .map_err(|e| with_sources(&e))?;
     let status = response.status();
     let body = Limited::new(response.into_body(), limit)
         .collect()
@@ -67,4 +70,17 @@ pub async fn exchange(
 /// The start of an answer body, for error messages.
 pub fn excerpt(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned()
+}
+
+/// An error with its causes (`client error (Connect): invalid peer certificate: ...`): hyper's
+/// own text names only the stage that failed.
+fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
