@@ -191,16 +191,8 @@ async fn handle_connection(
     active.inc();
     let stream = Prefixed::new(prefix, stream);
     let info = SessionInfo {
-        listener: name.clone(),
-        hostname: ctx.hostname.clone(),
-        client,
-        local,
-        helo: None,
-        esmtp: false,
-        tls: false,
-        auth_user: None,
         submission: ctx.submission,
-        notes: Default::default(),
+        ..SessionInfo::new(name.clone(), ctx.hostname.clone(), client, local)
     };
     // The TLS path is boxed so that a plaintext session's task does not carry its (large) state.
     if ctx.implicit_tls {

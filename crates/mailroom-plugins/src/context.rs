@@ -33,6 +33,28 @@ pub struct SessionInfo {
 }
 
 impl SessionInfo {
+    /// A new connection of `client` to `local` on `listener` (named `hostname`): no HELO, no
+    /// TLS, no AUTH, not submission, no notes yet.
+    pub fn new(
+        listener: impl Into<String>,
+        hostname: impl Into<String>,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Self {
+        SessionInfo {
+            listener: listener.into(),
+            hostname: hostname.into(),
+            client,
+            local,
+            helo: None,
+            esmtp: false,
+            tls: false,
+            auth_user: None,
+            submission: false,
+            notes: Notes::default(),
+        }
+    }
+
     /// The client's IP address.
     pub fn client_ip(&self) -> IpAddr {
         self.client.ip()

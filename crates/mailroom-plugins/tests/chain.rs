@@ -38,16 +38,13 @@ impl Plugin for Fixed {
 
 fn info() -> SessionInfo {
     SessionInfo {
-        listener: "t".into(),
-        hostname: "mx.test".into(),
-        client: "192.0.2.1:1000".parse().expect("addr"),
-        local: "192.0.2.2:25".parse().expect("addr"),
-        helo: None,
         esmtp: true,
-        tls: false,
-        auth_user: None,
-        submission: false,
-        notes: Default::default(),
+        ..SessionInfo::new(
+            "t",
+            "mx.test",
+            "192.0.2.1:1000".parse().expect("addr"),
+            "192.0.2.2:25".parse().expect("addr"),
+        )
     }
 }
 

@@ -52,18 +52,13 @@ mod tests {
     use crate::{BuildContext, build_chain};
 
     fn session(ip: &str) -> SessionInfo {
-        SessionInfo {
-            listener: "smtp".into(),
-            hostname: "mx.test".into(),
-            client: format!("{ip}:40000").parse().expect("addr"),
-            local: "127.0.0.1:25".parse().expect("addr"),
-            helo: None,
-            esmtp: false,
-            tls: false,
-            auth_user: None,
-            submission: false,
-            notes: Default::default(),
-        }
+        let client = format!("{ip}:40000").parse().expect("addr");
+        SessionInfo::new(
+            "smtp",
+            "mx.test",
+            client,
+            "127.0.0.1:25".parse().expect("addr"),
+        )
     }
 
     #[test]

@@ -290,21 +290,16 @@ impl Plugin for RateLimitPlugin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BuildContext, Notes, build_chain};
+    use crate::{BuildContext, build_chain};
     use mailroom_smtp::{MailParams, Mailbox};
 
     fn session(ip: &str) -> SessionInfo {
+        let ip = ip.parse().unwrap_or_else(|e| panic!("{e}"));
+        let local = "127.0.0.1:25".parse().unwrap_or_else(|e| panic!("{e}"));
         SessionInfo {
-            listener: "mx".into(),
-            hostname: "mx.test".into(),
-            client: std::net::SocketAddr::new(ip.parse().unwrap_or_else(|e| panic!("{e}")), 4000),
-            local: "127.0.0.1:25".parse().unwrap_or_else(|e| panic!("{e}")),
             helo: Some("client.test".into()),
             esmtp: true,
-            tls: false,
-            auth_user: None,
-            submission: false,
-            notes: Notes::default(),
+            ..SessionInfo::new("mx", "mx.test", std::net::SocketAddr::new(ip, 4000), local)
         }
     }
 
