@@ -56,9 +56,9 @@ if [ "$BUILD" = 1 ]; then
 fi
 [ -x "$BIN" ] || { echo "no $BIN: run with BENCH_BUILD=1" >&2; exit 1; }
 
-# The DNS the chain asks: the sending client 127.0.0.1 is client.bench (forward-confirmed),
-# listed by the allow list? no; by the block list? no (NXDOMAIN, the common case); the sender
-# domain has SPF (pass for 127.0.0.1) and a DMARC policy.
+# The DNS the chain asks: the sending client 127.0.0.1 has forward-confirmed reverse DNS (dnsmasq
+# answers `localhost` for it), the sender domain has SPF (pass for 127.0.0.1) and a DMARC
+# policy; the allow and block lists do not list it (NXDOMAIN, the common case).
 log "dnsmasq on 127.0.0.1:$DNS_PORT"
 "$DNSMASQ" --keep-in-foreground --conf-file=/dev/null --no-resolv --no-poll --no-hosts \
   --port="$DNS_PORT" --listen-address=127.0.0.1 --bind-interfaces --pid-file= --user=root \
