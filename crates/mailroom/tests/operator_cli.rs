@@ -136,14 +136,18 @@ async fn the_operator_process_reconciles_and_serves_metrics() {
         .image
         .clone();
     assert_eq!(image.as_deref(), Some("registry.example/mailroom:test"));
-    let metrics = eventually("a reconcile in /metrics", WAIT, || async {
-        operator
-            .get("/metrics")
-            .filter(|m| m.contains("mailroom_operator_reconciles_total{kind=\"MailListener\"}"))
+    // The duration is recorded when the reconcile ends, after its status write: the
+    // Deployment can exist before that.
+    let metrics = eventually("a finished reconcile in /metrics", WAIT, || async {
+        operator.get("/metrics").filter(|m| {
+            m.contains("mailroom_operator_reconciles_total{kind=\"MailListener\"}")
+                && m.contains("mailroom_operator_reconcile_duration_seconds")
+        })
     })
     .await;
     assert!(
-        metrics.contains("mailroom_operator_reconcile_duration_seconds"),
+        metrics
+            .contains("mailroom_operator_reconcile_duration_seconds_count{kind=\"MailListener\"}"),
         "{metrics}"
     );
 }
