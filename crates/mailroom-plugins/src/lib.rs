@@ -26,7 +26,7 @@ pub use context::{MessageEdits, SessionInfo, Transaction};
 pub use notes::{Notes, Suspicion, Trusted};
 pub use pattern::{AddressPattern, PatternError};
 pub use registry::{BuildContext, Env, PluginError, SharedBackend, build_chain};
-pub use verdict::{Hook, Verdict};
+pub use verdict::{Hook, MAX_REPLY_TEXT, Verdict, reply_text};
 
 use async_trait::async_trait;
 use mailroom_smtp::{ForwardPath, RcptParams};

@@ -30,6 +30,25 @@ impl Hook {
     }
 }
 
+/// Longest reply text a plugin sends (one reply line stays well under RFC 5321's 512 octets).
+pub const MAX_REPLY_TEXT: usize = 200;
+
+/// `text` from a peer, DNS or a service made fit for an SMTP reply line (ASCII, RFC 5321
+/// §4.2): control characters become spaces, other non-ASCII characters `?`; at most `max`
+/// characters, trimmed.
+pub fn reply_text(text: &str, max: usize) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| match c {
+            ' '..='~' => c,
+            c if c.is_control() => ' ',
+            _ => '?',
+        })
+        .take(max)
+        .collect();
+    clean.trim().to_owned()
+}
+
 /// A plugin's answer (Haraka: CONT, OK, DENY, DENYSOFT, DENYDISCONNECT).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -46,7 +65,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    /// A permanent refusal. A code outside 500..=599 is replaced by 550.
+    /// A permanent refusal. A code outside 500..=599 is replaced by 550; the text goes
+    /// through [`reply_text`].
     pub fn reject(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Verdict {
         let code = if (500..600).contains(&code) {
             code
@@ -56,11 +76,12 @@ impl Verdict {
         Verdict::Reject(Reply::new(
             code,
             EnhancedCode(5, enhanced.1, enhanced.2),
-            text,
+            reply_text(&text.into(), MAX_REPLY_TEXT),
         ))
     }
 
-    /// A temporary refusal. A code outside 400..=499 is replaced by 451.
+    /// A temporary refusal. A code outside 400..=499 is replaced by 451; the text goes
+    /// through [`reply_text`].
     pub fn tempfail(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Verdict {
         let code = if (400..500).contains(&code) {
             code
@@ -70,16 +91,16 @@ impl Verdict {
         Verdict::TempFail(Reply::new(
             code,
             EnhancedCode(4, enhanced.1, enhanced.2),
-            text,
+            reply_text(&text.into(), MAX_REPLY_TEXT),
         ))
     }
 
-    /// Refuse with a reply and close the connection.
+    /// Refuse with a reply and close the connection; the text goes through [`reply_text`].
     pub fn disconnect(code: u16, enhanced: (u8, u16, u16), text: impl Into<String>) -> Verdict {
         Verdict::Disconnect(Reply::new(
             code,
             EnhancedCode(enhanced.0, enhanced.1, enhanced.2),
-            text,
+            reply_text(&text.into(), MAX_REPLY_TEXT),
         ))
     }
 
@@ -97,5 +118,24 @@ impl Verdict {
             Verdict::TempFail(_) => "tempfail",
             Verdict::Disconnect(_) => "disconnect",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MAX_REPLY_TEXT, Verdict, reply_text};
+
+    #[test]
+    fn refusals_carry_only_ascii_reply_text_of_bounded_length() {
+        assert_eq!(reply_text(" spam\r\nsource \u{7} ", 200), "spam  source");
+        assert_eq!(reply_text("listé", 200), "list?");
+        assert_eq!(reply_text(&"x".repeat(500), 200).len(), 200);
+        let Verdict::Reject(reply) = Verdict::reject(550, (5, 7, 1), "naïve\r\n".repeat(100))
+        else {
+            panic!("a reject");
+        };
+        let text = &reply.lines[0];
+        assert!(text.len() <= MAX_REPLY_TEXT && text.is_ascii(), "{text:?}");
+        assert!(text.starts_with("na?ve"), "{text:?}");
     }
 }

@@ -28,6 +28,7 @@ use tokio::time::Instant;
 
 use crate::{
     Env, MessageEdits, Plugin, PluginError, SessionInfo, Suspicion, Transaction, Trusted, Verdict,
+    reply_text,
 };
 
 /// Connections the dnsbl plugin checked, by listener and outcome.
@@ -124,21 +125,6 @@ pub(crate) fn is_private(ip: IpAddr) -> bool {
     }
 }
 
-/// Makes text a DNS server sent fit for a reply line (RFC 5321 replies are ASCII): control
-/// characters become spaces, other non-ASCII characters `?`, and at most `max` are kept.
-pub(crate) fn sanitize(text: &str, max: usize) -> String {
-    let clean: String = text
-        .chars()
-        .map(|c| match c {
-            ' '..='~' => c,
-            c if c.is_control() => ' ',
-            _ => '?',
-        })
-        .take(max)
-        .collect();
-    clean.trim().to_owned()
-}
-
 /// One zone of a list, ready to query.
 #[derive(Debug, Clone)]
 struct Zone {
@@ -227,7 +213,7 @@ async fn ask_zone(
                     .iter()
                     .flat_map(|s| s.iter().copied())
                     .collect();
-                let text = sanitize(&String::from_utf8_lossy(&joined), MAX_REASON);
+                let text = reply_text(&String::from_utf8_lossy(&joined), MAX_REASON);
                 (!text.is_empty()).then_some(text)
             }
             _ => None,
@@ -413,7 +399,7 @@ impl DnsblPlugin {
                 // A reply line has at most 512 octets (RFC 5321 §4.5.3.1.5).
                 let text = format!(
                     "Client {ip} listed by {}",
-                    sanitize(&describe(listings), MAX_REPLY_LISTINGS)
+                    reply_text(&describe(listings), MAX_REPLY_LISTINGS)
                 );
                 let code = if self.at_connect { 554 } else { 550 };
                 Verdict::reject(code, (5, 7, 1), text)
@@ -732,12 +718,5 @@ mod tests {
                 "{public}"
             );
         }
-    }
-
-    #[test]
-    fn reasons_are_cleaned_for_a_reply_line() {
-        assert_eq!(sanitize(" spam\r\nsource \u{7} ", 200), "spam  source");
-        assert_eq!(sanitize("listé", 200), "list?");
-        assert_eq!(sanitize(&"x".repeat(500), 200).len(), 200);
     }
 }

@@ -32,7 +32,10 @@ use prometheus::{IntCounterVec, Opts};
 use serde::Deserialize;
 
 use crate::http::{HttpClient, excerpt, exchange, http_client};
-use crate::{MessageEdits, Plugin, PluginError, SessionInfo, Transaction, Verdict};
+use crate::{
+    MAX_REPLY_TEXT, MessageEdits, Plugin, PluginError, SessionInfo, Transaction, Verdict,
+    reply_text,
+};
 
 /// Scans by outcome: the rspamd action, `skipped` (too large, authenticated) or `error`.
 static SCANS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -108,17 +111,12 @@ fn valid_field_name(name: &str) -> bool {
 }
 
 /// Reply text from rspamd's `smtp_message`, made safe for one SMTP reply line.
-fn reply_text(answer: &Answer, default: &str) -> String {
+fn answer_text(answer: &Answer, default: &str) -> String {
     let text = answer
         .messages
         .get("smtp_message")
         .and_then(|v| v.as_str())
-        .map(|s| {
-            s.chars()
-                .filter(|c| !c.is_control())
-                .take(200)
-                .collect::<String>()
-        })
+        .map(|s| reply_text(s, MAX_REPLY_TEXT))
         .unwrap_or_default();
     if text.trim().is_empty() {
         default.to_owned()
@@ -209,17 +207,17 @@ impl RspamdPlugin {
             "reject" => Verdict::reject(
                 554,
                 (5, 7, 1),
-                reply_text(answer, "Message rejected as spam"),
+                answer_text(answer, "Message rejected as spam"),
             ),
             "soft reject" => Verdict::tempfail(
                 451,
                 (4, 7, 1),
-                reply_text(answer, "Message deferred, try again later"),
+                answer_text(answer, "Message deferred, try again later"),
             ),
             "greylist" => Verdict::tempfail(
                 451,
                 (4, 7, 1),
-                reply_text(answer, "Greylisted, try again later"),
+                answer_text(answer, "Greylisted, try again later"),
             ),
             "rewrite subject" => {
                 if let Some(subject) = &answer.subject {
@@ -309,7 +307,8 @@ mod tests {
         match v {
             Verdict::Reject(reply) => {
                 assert_eq!(reply.code, 554);
-                assert!(reply.to_string().contains("Spam here"), "{reply}");
+                // CR and LF become spaces: one reply line, never a second one.
+                assert!(reply.to_string().contains("Spam   here"), "{reply}");
             }
             other => panic!("{other:?}"),
         }

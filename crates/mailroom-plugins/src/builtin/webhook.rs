@@ -35,7 +35,10 @@ use prometheus::{IntCounterVec, Opts};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{HttpClient, excerpt, exchange, http_client};
-use crate::{Env, Hook, MessageEdits, Plugin, PluginError, SessionInfo, Transaction, Verdict};
+use crate::{
+    Env, Hook, MAX_REPLY_TEXT, MessageEdits, Plugin, PluginError, SessionInfo, Transaction,
+    Verdict, reply_text,
+};
 
 /// Requests by hook and outcome (the answer's action, or `error`).
 static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -54,8 +57,6 @@ static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
 
 /// Largest answer read from a service (the contract's JSON is small).
 const MAX_ANSWER: usize = 64 * 1024;
-/// Longest reply text taken from an answer (one SMTP reply line stays under 512 octets).
-const MAX_MESSAGE_CHARS: usize = 200;
 
 /// The `webhook` plugin, built from [`WebhookPluginSpec`].
 #[derive(Debug)]
@@ -319,14 +320,7 @@ impl Answer {
             }
         }
         let text = |default: &str| {
-            let text: String = self
-                .message
-                .as_deref()
-                .unwrap_or_default()
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(MAX_MESSAGE_CHARS)
-                .collect();
+            let text = reply_text(self.message.as_deref().unwrap_or_default(), MAX_REPLY_TEXT);
             if text.trim().is_empty() {
                 default.to_owned()
             } else {
@@ -454,7 +448,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(label, "reject");
-        assert_eq!(v, Verdict::reject(554, (5, 7, 26), "Nothanks"));
+        assert_eq!(v, Verdict::reject(554, (5, 7, 26), "No  thanks"));
         // A code or class of the wrong kind is clamped to the action's.
         let (_, (v, _)) = judge(
             r#"{"action":"reject","code":250,"enhanced":"2.0.0"}"#,

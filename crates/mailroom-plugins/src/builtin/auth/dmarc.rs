@@ -30,7 +30,7 @@ use prometheus::IntCounterVec;
 
 use super::dkim::{self, DEFAULT_MAX_SIGNATURES};
 use super::spf::{self, SpfNote};
-use super::{pvalue, reply_text, results_counter, skips, tag, trusted};
+use super::{pvalue, results_counter, skips, tag, trusted};
 use crate::dns::Dns;
 use crate::{Env, MessageEdits, Plugin, PluginError, SessionInfo, Transaction, Verdict};
 
@@ -262,10 +262,7 @@ impl Plugin for DmarcPlugin {
                 Policy::Reject if self.spec.enforce && !trusted => Verdict::reject(
                     550,
                     (5, 7, 1),
-                    format!(
-                        "Rejected by the DMARC policy of {}",
-                        reply_text(output.domain())
-                    ),
+                    format!("Rejected by the DMARC policy of {}", output.domain()),
                 ),
                 Policy::Reject | Policy::Quarantine => {
                     tag(s, edits, HEADER, "quarantine");

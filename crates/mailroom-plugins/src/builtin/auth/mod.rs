@@ -76,24 +76,13 @@ fn pvalue(value: &str) -> String {
         .collect()
 }
 
-/// Text from DNS or the peer made safe for one SMTP reply line.
-fn reply_text(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_ascii_graphic() { c } else { ' ' })
-        .take(200)
-        .collect::<String>()
-        .trim()
-        .to_owned()
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{pvalue, reply_text};
+    use super::pvalue;
 
     #[test]
     fn peer_text_is_made_safe() {
         assert_eq!(pvalue("ex(am);ple.org \"x\"=\r\n"), "example.orgx");
         assert_eq!(pvalue(&"a".repeat(300)).len(), 255);
-        assert_eq!(reply_text(" not\r\nallowé "), "not  allow");
     }
 }

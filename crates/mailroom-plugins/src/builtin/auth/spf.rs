@@ -21,7 +21,7 @@ use mailroom_config::{FailMode, SpfPluginSpec};
 use mailroom_smtp::ReversePath;
 use prometheus::IntCounterVec;
 
-use super::{pvalue, reply_text, results_counter, skips, trusted};
+use super::{pvalue, results_counter, skips, trusted};
 use crate::dns::Dns;
 use crate::{Env, MessageEdits, Plugin, PluginError, SessionInfo, Suspicion, Transaction, Verdict};
 
@@ -191,17 +191,16 @@ impl Plugin for SpfPlugin {
             }
             Act::Reject(detail) => {
                 let mut text = match result {
-                    SpfResult::PermError => format!(
-                        "SPF record of {} is invalid",
-                        reply_text(note.output.domain())
-                    ),
+                    SpfResult::PermError => {
+                        format!("SPF record of {} is invalid", note.output.domain())
+                    }
                     _ => format!(
                         "SPF check failed: {} does not allow {} to send its mail",
-                        reply_text(note.output.domain()),
+                        note.output.domain(),
                         s.client_ip()
                     ),
                 };
-                if let Some(explanation) = note.output.explanation().map(reply_text)
+                if let Some(explanation) = note.output.explanation()
                     && !explanation.is_empty()
                 {
                     text = format!("{text}: {explanation}");
