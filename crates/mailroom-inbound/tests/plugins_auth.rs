@@ -142,6 +142,11 @@ fn fields(message: &[u8], name: &str) -> Vec<String> {
 }
 
 /// EHLO `helo`, MAIL FROM `sender`, one recipient, DATA `message`. Stops at a refused MAIL.
+/// [`deliver`] of an unsigned [`message`] from `sender`, after `EHLO client.test`.
+async fn deliver_plain(server: &TestServer, sender: &str, subject: &str) -> Delivery {
+    deliver(server, "client.test", sender, &message(sender, subject)).await
+}
+
 async fn deliver(server: &TestServer, helo: &str, sender: &str, message: &str) -> Delivery {
     let mut c = server.session().await;
     c.cmd(&format!("EHLO {helo}"), "250").await;
@@ -260,13 +265,7 @@ async fn spf_results_are_recorded_and_failures_tagged_by_default() {
 async fn spf_fail_is_refused_at_mail_in_reject_mode() {
     let dns = DnsServer::start(spf_zone()).expect("dns");
     let server = start("spf-reject", "  - spf: {fail: reject}\n", dns.addr()).await;
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@fail.test",
-        &message("a@fail.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@fail.test", "x").await;
     assert!(
         d.reply.starts_with("550 5.7.23 ") && d.reply.contains("fail.test"),
         "{}",
@@ -274,21 +273,9 @@ async fn spf_fail_is_refused_at_mail_in_reject_mode() {
     );
     assert!(d.stored.is_none());
     // softfail keeps its default (tag); pass is untouched.
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@soft.test",
-        &message("a@soft.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@soft.test", "x").await;
     assert_eq!(d.header("X-Mailroom-SPF"), ["softfail"]);
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@pass.test",
-        &message("a@pass.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@pass.test", "x").await;
     assert_eq!(d.results(), ["spf=pass smtp.mailfrom=pass.test"]);
     assert_eq!(server.queued().await, 2);
 }
@@ -298,21 +285,9 @@ async fn spf_temperror_tempfails_when_asked() {
     let dns = DnsServer::start(spf_zone()).expect("dns");
     let plugins = "  - spf: {onTempError: tempfail}\n";
     let server = start("spf-temp", plugins, dns.addr()).await;
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@broken.test",
-        &message("a@broken.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@broken.test", "x").await;
     assert!(d.reply.starts_with("451 4.7.24 "), "{}", d.reply);
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@pass.test",
-        &message("a@pass.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@pass.test", "x").await;
     assert_eq!(d.results(), ["spf=pass smtp.mailfrom=pass.test"]);
 
     // No DNS server at all: the same.
@@ -320,13 +295,7 @@ async fn spf_temperror_tempfails_when_asked() {
     let dead = gone.addr();
     drop(gone);
     let server = start("spf-dns-down", plugins, dead).await;
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@pass.test",
-        &message("a@pass.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@pass.test", "x").await;
     assert!(d.reply.starts_with("451 4.7.24 "), "{}", d.reply);
     assert!(counter("spf", "spf-dns-down", "temperror") >= 1.0);
 }
@@ -459,13 +428,7 @@ async fn dmarc_applies_the_policy_of_the_from_domain() {
     let server = start("dmarc", plugins, dns.addr()).await;
 
     // SPF fails and nothing is signed: p=reject refuses the message.
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@strict.test",
-        &message("a@strict.test", "r"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@strict.test", "r").await;
     assert!(
         d.reply
             .starts_with("550 5.7.1 Rejected by the DMARC policy of strict.test"),
@@ -497,26 +460,14 @@ async fn dmarc_applies_the_policy_of_the_from_domain() {
     );
     assert!(d.header("X-Mailroom-DMARC").is_empty());
 
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@quar.test",
-        &message("a@quar.test", "q"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@quar.test", "q").await;
     assert_eq!(
         d.results()[2],
         "dmarc=fail header.from=quar.test policy.dmarc=quarantine"
     );
     assert_eq!(d.header("X-Mailroom-DMARC"), ["quarantine"]);
 
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@none.test",
-        &message("a@none.test", "n"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@none.test", "n").await;
     assert_eq!(
         d.results()[2],
         "dmarc=fail header.from=none.test policy.dmarc=none"
@@ -527,13 +478,7 @@ async fn dmarc_applies_the_policy_of_the_from_domain() {
     );
 
     // pct=0: no message is in the sample, so p=reject is applied as quarantine.
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@sample.test",
-        &message("a@sample.test", "s"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@sample.test", "s").await;
     assert_eq!(
         d.results()[2],
         "dmarc=fail header.from=sample.test policy.dmarc=reject"
@@ -570,13 +515,7 @@ async fn dmarc_alone_checks_spf_and_dkim_itself() {
         ["dmarc=pass header.from=aligned.test policy.dmarc=reject"],
         "only dmarc records a result"
     );
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@strict.test",
-        &message("a@strict.test", "s"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@strict.test", "s").await;
     assert!(d.reply.starts_with("550 5.7.1 "), "{}", d.reply);
     let d = deliver(
         &server,
@@ -699,13 +638,7 @@ async fn a_slow_dns_is_bounded_by_the_timeout() {
     s.dns.timeout = HumanDuration::from_secs(30);
     let server = TestServer::start(s).await;
     let started = std::time::Instant::now();
-    let d = deliver(
-        &server,
-        "client.test",
-        "a@pass.test",
-        &message("a@pass.test", "x"),
-    )
-    .await;
+    let d = deliver_plain(&server, "a@pass.test", "x").await;
     assert!(d.reply.starts_with("451 4.7.24 "), "{}", d.reply);
     assert!(
         (Duration::from_millis(300)..Duration::from_secs(5)).contains(&started.elapsed()),

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::proto::rr::{Name, RData};
 use ipnet::IpNet;
-use mailroom_config::{DnsblPluginSpec, DnswlPluginSpec, FailMode};
+use mailroom_config::{DnsZoneSpec, DnsblPluginSpec, DnswlPluginSpec, FailMode};
 use mailroom_smtp::{ForwardPath, RcptParams};
 use mailroom_telemetry::register;
 use prometheus::{IntCounterVec, Opts};
@@ -303,13 +303,12 @@ fn outcome(zones: &[Zone], answers: Vec<ZoneAnswer>, threshold: u32) -> Outcome 
 
 /// The zones of a spec, given as `(name, weight, returnCodes)`, checked (the config validation
 /// already did; a spec built without it still gets a clear error).
-fn zones<'a>(
-    specs: impl Iterator<Item = (&'a str, u32, &'a [Ipv4Addr])>,
-    at: &str,
-) -> Result<Vec<Zone>, PluginError> {
+fn zones(specs: &[DnsZoneSpec], at: &str) -> Result<Vec<Zone>, PluginError> {
     let zones = specs
+        .iter()
         .enumerate()
-        .map(|(i, (name, weight, codes))| {
+        .map(|(i, spec)| {
+            let (name, weight, codes) = (&spec.name, spec.weight, &spec.return_codes);
             let lower = name.trim_end_matches('.').to_ascii_lowercase();
             if lower.is_empty() || Name::from_ascii(format!("{lower}.")).is_err() {
                 return Err(PluginError::Invalid {
@@ -359,12 +358,7 @@ impl DnsblPlugin {
         Ok(Self {
             path: path.to_owned(),
             resolver: env.dns()?.resolver().clone(),
-            zones: zones(
-                spec.zones
-                    .iter()
-                    .map(|z| (z.name.as_str(), z.weight, z.return_codes.as_slice())),
-                path,
-            )?,
+            zones: zones(&spec.zones, path)?,
             threshold: spec.threshold.max(1),
             tag: spec.action.tags(),
             at_connect: spec.reject_at.at_connect(),
@@ -547,12 +541,7 @@ impl DnswlPlugin {
     pub fn new(spec: &DnswlPluginSpec, path: &str, env: &Env) -> Result<Self, PluginError> {
         Ok(Self {
             resolver: env.dns()?.resolver().clone(),
-            zones: zones(
-                spec.zones
-                    .iter()
-                    .map(|z| (z.name.as_str(), z.weight, z.return_codes.as_slice())),
-                path,
-            )?,
+            zones: zones(&spec.zones, path)?,
             threshold: spec.threshold.max(1),
             timeout: spec.timeout.as_duration(),
             skip_private: spec.skip_private,
